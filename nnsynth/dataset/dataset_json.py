@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -64,7 +65,7 @@ def parse_dataset_json_dict(d: object, where: str = DATASET_JSON) -> Tuple[Optio
             problems.append(f"{where}: 'channel_names' must be a non-empty object like {{\"0\": \"T1\"}}")
         else:
             for k, v in cn.items():
-                if not (isinstance(k, str) and k.strip().isdigit()):
+                if not (isinstance(k, str) and re.fullmatch(r"[0-9]+", k.strip())):
                     problems.append(f"{where}: channel id {k!r} in 'channel_names' is not a non-negative integer")
                     continue
                 if int(k) >= 10 ** CHANNEL_ID_DIGITS:

@@ -86,8 +86,21 @@ def read_header(path: PathLike) -> Geometry:
                     tuple(reversed(reader.GetSize())))
 
 
-def read_image(path: PathLike, dtype: np.dtype = np.float32) -> Tuple[np.ndarray, Geometry]:
-    """Read an image; return (array in ``dtype``, geometry). Multi-component images are refused."""
+def read_image(path: PathLike, dtype: np.dtype = np.float32,
+               check_integrity: bool = True) -> Tuple[np.ndarray, Geometry]:
+    """Read an image; return (array in ``dtype``, geometry). Multi-component images are refused.
+
+    ``check_integrity`` first streams the file's bytes to refuse truncated/corrupted files and NaN/Inf
+    voxels that ITK would otherwise hand back silently as zeros (see ``nnsynth.dataset.integrity``).
+    """
+    if check_integrity:
+        from nnsynth.dataset.integrity import scan_file
+        broken, n_nan, n_inf = scan_file(path)
+        if broken:
+            raise ImageReadError(broken)
+        if n_nan or n_inf:
+            raise ImageReadError(f"{path}: contains {n_nan} NaN and {n_inf} Inf voxels; replace them "
+                                 "(e.g. by 0 outside the brain) before using the image")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:
@@ -98,6 +111,8 @@ def read_image(path: PathLike, dtype: np.dtype = np.float32) -> Tuple[np.ndarray
     if image.GetDimension() not in (2, 3):
         raise ImageReadError(f"{path}: {image.GetDimension()}D images are not supported (2D or 3D only)")
     array = sitk.GetArrayFromImage(image)
+    if check_integrity and array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ImageReadError(f"{path}: contains NaN or Inf voxels; replace them before using the image")
     if dtype is not None:
         array = array.astype(dtype, copy=False)
     return array, geometry_of(image)

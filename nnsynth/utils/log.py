@@ -8,6 +8,21 @@ import sys
 _CONFIGURED = False
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time, so redirections (pytest capsys, notebooks) work."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D401
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Configure the root ``nnsynth`` logger once: concise console lines, DEBUG with ``-v``."""
     global _CONFIGURED
@@ -15,7 +30,7 @@ def setup_logging(verbose: bool = False) -> None:
     logger = logging.getLogger("nnsynth")
     logger.setLevel(level)
     if not _CONFIGURED:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False
