@@ -79,7 +79,7 @@ def parse_dataset_json_dict(d: object, where: str = DATASET_JSON) -> Tuple[Optio
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 problems.append(f"{where}: sequence names must be unique (case-insensitive), repeated: {dupes}")
-            if len(channel_names) < MIN_SEQUENCES_IN_DATASET and not problems:
+            if len(channel_names) < MIN_SEQUENCES_IN_DATASET and len(channel_names) == len(cn):
                 problems.append(f"{where}: synthesis needs at least {MIN_SEQUENCES_IN_DATASET} sequences in "
                                 f"'channel_names', found {len(channel_names)}")
 
