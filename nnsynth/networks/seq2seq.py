@@ -1,0 +1,284 @@
+"""Seq2Seq generator (paper sec. 3.2-3.3): a shared encoder E and a code-conditioned HyperDecoder G.
+
+Images enter and leave in [0, 1] (the preprocessed, normalised space); inside, the network works on [-1, 1]
+with a Tanh at the end as the paper does. 2.5D: ``in_channels`` = k adjacent slices of one sequence, the output
+is the same k slices of the target sequence. 3D: ``spatial_dims=3`` and ``in_channels=1``.
+
+``encode`` and ``decode`` are separate so that VQ-Seq2Seq can quantise between them and TSF-Seq2Seq can fuse
+several encodings before decoding. Sizes that are not multiples of the down-sampling factor are padded with
+background (0) by ``encode`` and cropped back by ``decode(..., output_size=...)`` / ``forward``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nnsynth.exceptions import PlansError
+from nnsynth.networks.blocks import ConvNormAct, HyperResBlock, HyperUpBlock, ResBlock, count_parameters
+from nnsynth.networks.hyperconv import HyperConv
+
+logger = logging.getLogger(__name__)
+
+# --- module constants (listed in the hand-over; candidates for nnsynth/constants.py) ---------------
+# The paper's network (Seq2Seq public code); the planner writes these into plans["configurations"][c]["network"].
+DEFAULT_SEQ2SEQ_NETWORK: Dict[str, Any] = {
+    "encoder_channels": [64, 128, 256],
+    "encoder_kernel_sizes": [7, 3, 3],
+    "num_res_blocks": 6,
+    "num_hyper_res_blocks": 6,
+    "hyper_bank_size": 16,
+    "code_length": 64,
+    "norm": "instance",
+    "negative_slope": 0.2,
+    "padding_mode": "reflect",
+    # optional keys (defaults used when absent from the plans):
+    "upsample_mode": "nearest",      # 'nearest' or 'linear' (bi/trilinear)
+    "hyper_mlp_hidden": 64,          # hidden width of the HyperConv code MLP (0/None: a single Linear)
+    "res_kernel_size": 3,            # kernel of the (hyper) residual blocks
+}
+# small init of the last HyperConv so the Tanh starts in its linear range, not saturated
+FINAL_LAYER_INIT_GAIN = 0.5
+# -----------------------------------------------------------------------------------------------------
+
+_REQUIRED_KEYS = ("encoder_channels", "encoder_kernel_sizes", "num_res_blocks", "num_hyper_res_blocks",
+                  "hyper_bank_size", "code_length")
+
+
+def resolve_network_config(network: Mapping[str, Any]) -> Dict[str, Any]:
+    """Validate a plans ``network`` dict and fill optional keys; raises PlansError with what to fix."""
+    if not isinstance(network, Mapping):
+        raise PlansError(f"The plans' 'network' entry must be a dict, got {type(network).__name__}")
+    missing = [k for k in _REQUIRED_KEYS if k not in network]
+    if missing:
+        raise PlansError(f"The plans' 'network' entry lacks {missing}; re-run planning or add them "
+                         f"(paper values: { {k: DEFAULT_SEQ2SEQ_NETWORK[k] for k in missing} })")
+    cfg = dict(DEFAULT_SEQ2SEQ_NETWORK)
+    cfg.update(network)
+    chans = [int(c) for c in cfg["encoder_channels"]]
+    kernels = [int(k) for k in cfg["encoder_kernel_sizes"]]
+    problems = []
+    if len(chans) < 1 or any(c < 1 for c in chans):
+        problems.append(f"encoder_channels must be a non-empty list of positive ints, got {cfg['encoder_channels']}")
+    if len(kernels) != len(chans):
+        problems.append(f"encoder_kernel_sizes ({kernels}) must have one entry per encoder_channels entry ({chans})")
+    if any(k < 1 or k % 2 == 0 for k in kernels):
+        problems.append(f"encoder_kernel_sizes must be odd, got {kernels}")
+    for key in ("num_res_blocks", "num_hyper_res_blocks"):
+        if int(cfg[key]) < 0:
+            problems.append(f"{key} must be >= 0, got {cfg[key]}")
+    if int(cfg["hyper_bank_size"]) < 1 or int(cfg["code_length"]) < 1:
+        problems.append("hyper_bank_size and code_length must be >= 1")
+    if int(cfg["res_kernel_size"]) % 2 == 0:
+        problems.append(f"res_kernel_size must be odd, got {cfg['res_kernel_size']}")
+    if problems:
+        raise PlansError("Invalid network settings in the plans:\n" + "\n".join(f"  - {p}" for p in problems))
+    cfg["encoder_channels"] = chans
+    cfg["encoder_kernel_sizes"] = kernels
+    for key in ("num_res_blocks", "num_hyper_res_blocks", "hyper_bank_size", "code_length", "res_kernel_size"):
+        cfg[key] = int(cfg[key])
+    cfg["negative_slope"] = float(cfg["negative_slope"])
+    cfg["hyper_mlp_hidden"] = int(cfg["hyper_mlp_hidden"] or 0) or None
+    return cfg
+
+
+def downsample_factor(network: Mapping[str, Any]) -> int:
+    """Spatial down-sampling of the encoder: 2 ** (number of stride-2 convolutions)."""
+    return 2 ** (len(network["encoder_channels"]) - 1)
+
+
+class Encoder(nn.Module):
+    """E: conv k7 (stride 1), then stride-2 convs (4x down for three levels), then residual blocks."""
+
+    def __init__(self, in_channels: int, spatial_dims: int, cfg: Mapping[str, Any]) -> None:
+        super().__init__()
+        chans, kernels = cfg["encoder_channels"], cfg["encoder_kernel_sizes"]
+        common = dict(norm=cfg["norm"], negative_slope=cfg["negative_slope"], padding_mode=cfg["padding_mode"])
+        layers: List[nn.Module] = [ConvNormAct(spatial_dims, in_channels, chans[0], kernels[0], 1, **common)]
+        for i in range(1, len(chans)):
+            layers.append(ConvNormAct(spatial_dims, chans[i - 1], chans[i], kernels[i], 2, **common))
+        for _ in range(cfg["num_res_blocks"]):
+            layers.append(ResBlock(spatial_dims, chans[-1], cfg["res_kernel_size"], **common))
+        self.layers = nn.Sequential(*layers)
+        self.out_channels = chans[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class HyperDecoder(nn.Module):
+    """G: hyper-residual blocks, then per level (upsample 2x + HyperConv), then a final HyperConv k7 and Tanh.
+
+    Output is in [-1, 1]."""
+
+    def __init__(self, out_channels: int, spatial_dims: int, cfg: Mapping[str, Any]) -> None:
+        super().__init__()
+        chans, kernels = cfg["encoder_channels"], cfg["encoder_kernel_sizes"]
+        hyper = dict(code_length=cfg["code_length"], bank_size=cfg["hyper_bank_size"],
+                     mlp_hidden=cfg["hyper_mlp_hidden"])
+        common = dict(norm=cfg["norm"], negative_slope=cfg["negative_slope"], padding_mode=cfg["padding_mode"])
+        self.code_length = cfg["code_length"]
+        self.res_blocks = nn.ModuleList(
+            HyperResBlock(spatial_dims, chans[-1], kernel_size=cfg["res_kernel_size"], **hyper, **common)
+            for _ in range(cfg["num_hyper_res_blocks"]))
+        self.up_blocks = nn.ModuleList(
+            HyperUpBlock(spatial_dims, chans[i], chans[i - 1], kernels[i], upsample_mode=cfg["upsample_mode"],
+                         **hyper, **common)
+            for i in range(len(chans) - 1, 0, -1))
+        self.final = HyperConv(chans[0], out_channels, kernels[0], cfg["code_length"], spatial_dims=spatial_dims,
+                               padding_mode=cfg["padding_mode"], bank_size=cfg["hyper_bank_size"],
+                               mlp_hidden=cfg["hyper_mlp_hidden"], init_gain=FINAL_LAYER_INIT_GAIN)
+        self.in_channels = chans[-1]
+
+    def forward(self, features: Tensor, code: Tensor) -> Tensor:
+        x = features
+        for block in self.res_blocks:
+            x = block(x, code)
+        for block in self.up_blocks:
+            x = block(x, code)
+        return torch.tanh(self.final(x, code))
+
+
+class Seq2SeqNet(nn.Module):
+    """Seq2Seq generator: ``forward(x, target) = G(E(x) | s_target)``; see the module docstring."""
+
+    def __init__(self, num_sequences: int, in_channels: int, spatial_dims: int, network: Mapping[str, Any]) -> None:
+        super().__init__()
+        cfg = resolve_network_config(network)
+        if spatial_dims not in (2, 3):
+            raise PlansError(f"spatial_dims must be 2 (2.5D slice stacks) or 3, got {spatial_dims}")
+        if in_channels < 1:
+            raise PlansError(f"in_channels must be >= 1, got {in_channels}")
+        if not 1 <= num_sequences <= cfg["code_length"]:
+            raise PlansError(f"The network's code_length ({cfg['code_length']}) must be at least the number of "
+                             f"sequences ({num_sequences}); raise 'code_length' in the plans' network settings")
+        self.num_sequences = int(num_sequences)
+        self.in_channels = int(in_channels)
+        self.spatial_dims = int(spatial_dims)
+        self.network_config = cfg
+        self.code_length = cfg["code_length"]
+        self.divisor = downsample_factor(cfg)
+        self.encoder = Encoder(self.in_channels, self.spatial_dims, cfg)
+        self.decoder = HyperDecoder(self.in_channels, self.spatial_dims, cfg)
+        self.latent_channels = self.encoder.out_channels
+
+    # ------------------------------------------------------------------------------------------------
+    def sequence_code(self, target: Tensor) -> Tensor:
+        """One-hot code (B, code_length) of the target sequence indices (B,); only the first N entries are used."""
+        target = torch.as_tensor(target, device=self._device())
+        if target.dim() == 0:
+            target = target[None]
+        if target.dim() != 1 or target.dtype.is_floating_point:
+            raise ValueError(f"target must be a 1D integer tensor of sequence indices, got {target.dtype} "
+                             f"with shape {tuple(target.shape)}")
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= self.num_sequences):
+            raise ValueError(f"target sequence indices must be in [0, {self.num_sequences - 1}], "
+                             f"got {target.tolist()}")
+        return F.one_hot(target.long(), self.code_length).to(self._dtype())
+
+    def _device(self) -> torch.device:
+        return self.decoder.final.weight_bank.device
+
+    def _dtype(self) -> torch.dtype:
+        return self.decoder.final.weight_bank.dtype
+
+    def _as_code(self, target: Tensor) -> Tensor:
+        """Integer indices -> one-hot code; a float (B, code_length) tensor is taken as a code as is
+        (VQ-Seq2Seq feeds random codes c_r ~ U(0, 1))."""
+        if torch.is_tensor(target) and target.is_floating_point() and target.dim() == 2:
+            if target.shape[1] != self.code_length:
+                raise ValueError(f"a code must have shape (B, {self.code_length}), got {tuple(target.shape)}")
+            return target
+        return self.sequence_code(target)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(f"Seq2SeqNet({self.spatial_dims}D, {self.in_channels} channels) expects input of shape "
+                             f"(B, {self.in_channels}, *{self.spatial_dims} spatial dims), got {tuple(x.shape)}")
+
+    def padded_size(self, spatial_size: Sequence[int]) -> Tuple[int, ...]:
+        """Spatial size after padding up to a multiple of the down-sampling factor."""
+        d = self.divisor
+        return tuple(int(math.ceil(s / d) * d) for s in spatial_size)
+
+    # ------------------------------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """E(x): x (B, in_channels, *S) in [0, 1] -> features (B, C_lat, *ceil(S / 4)).
+
+        Sizes that are not multiples of the down-sampling factor are padded at the end with 0 (background)."""
+        self._check_input(x)
+        size = tuple(x.shape[2:])
+        target = self.padded_size(size)
+        if target != size:
+            pads: List[int] = []
+            for s, t in zip(reversed(size), reversed(target)):
+                pads += [0, t - s]
+            x = F.pad(x, pads, mode="constant", value=0.0)
+        return self.encoder(x * 2.0 - 1.0)
+
+    def decode(self, features: Tensor, code: Tensor, output_size: Optional[Sequence[int]] = None) -> Tensor:
+        """G(features | code) -> (B, in_channels, *S) in [0, 1]; ``output_size`` crops encode()'s padding away.
+
+        ``code`` is a float (B, code_length) tensor (see ``sequence_code``) or integer sequence indices (B,)."""
+        if features.dim() != self.spatial_dims + 2 or features.shape[1] != self.latent_channels:
+            raise ValueError(f"decode expects features of shape (B, {self.latent_channels}, ...), "
+                             f"got {tuple(features.shape)}")
+        out = (self.decoder(features, self._as_code(code)) + 1.0) * 0.5
+        if output_size is not None:
+            output_size = tuple(int(s) for s in output_size)
+            if len(output_size) != self.spatial_dims or any(o > s for o, s in zip(output_size, out.shape[2:])):
+                raise ValueError(f"output_size {output_size} does not fit the decoded size {tuple(out.shape[2:])}")
+            out = out[(slice(None), slice(None)) + tuple(slice(0, o) for o in output_size)]
+        return out
+
+    def forward(self, x: Tensor, target: Tensor) -> Tensor:
+        """Synthesise the target sequence (indices (B,) or codes (B, code_length)) from x; same shape as x."""
+        code = self._as_code(target)
+        if code.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"batch size of target ({code.shape[0]}) does not match the input ({x.shape[0]})")
+        return self.decode(self.encode(x), code, output_size=x.shape[2:])
+
+    # ------------------------------------------------------------------------------------------------
+    def estimate_feature_map_voxels(self, patch_size: Sequence[int]) -> int:
+        """Activation elements kept per sample for one forward/backward at ``patch_size`` (planner memory model)."""
+        return estimate_feature_map_voxels(patch_size, self.network_config, self.in_channels)
+
+    def count_parameters(self, trainable_only: bool = True) -> int:
+        return count_parameters(self, trainable_only)
+
+
+def estimate_feature_map_voxels(patch_size: Sequence[int], network: Mapping[str, Any], in_channels: int = 1) -> int:
+    """Sum over the feature maps a training step stores (conv, norm, padding copies, residual sums) of
+    channels x voxels, per sample. Multiply by 4 bytes x batch size (x ~1.3 for workspace) for memory."""
+    cfg = resolve_network_config(network)
+    chans, kernels = cfg["encoder_channels"], cfg["encoder_kernel_sizes"]
+    d = downsample_factor(cfg)
+    padded = [int(math.ceil(int(s) / d) * d) for s in patch_size]
+    reflect = cfg["padding_mode"] != "zeros"
+
+    def vox(level: int, pad: int = 0) -> int:
+        return int(math.prod((s >> level) + 2 * pad for s in padded))
+
+    r = cfg["res_kernel_size"] // 2
+    total = in_channels * vox(0)                                               # scaled input
+    # encoder: padded input copy + conv output + norm output per ConvNormAct
+    total += (in_channels * vox(0, kernels[0] // 2) if reflect else 0) + 2 * chans[0] * vox(0)
+    for i in range(1, len(chans)):
+        total += (chans[i - 1] * vox(i - 1, kernels[i] // 2) if reflect else 0) + 2 * chans[i] * vox(i)
+    last = len(chans) - 1
+    per_res = 2 * ((chans[-1] * vox(last, r) if reflect else 0) + 2 * chans[-1] * vox(last)) + chans[-1] * vox(last)
+    total += per_res * (cfg["num_res_blocks"] + cfg["num_hyper_res_blocks"])
+    # decoder up blocks: upsampled map + padded copy + conv + norm
+    for i in range(len(chans) - 1, 0, -1):
+        total += chans[i] * vox(i - 1) + (chans[i] * vox(i - 1, kernels[i] // 2) if reflect else 0)
+        total += 2 * chans[i - 1] * vox(i - 1)
+    total += (chans[0] * vox(0, kernels[0] // 2) if reflect else 0) + 2 * in_channels * vox(0)  # final conv + tanh
+    return int(total)
+
+
+__all__ = ["Seq2SeqNet", "Encoder", "HyperDecoder", "DEFAULT_SEQ2SEQ_NETWORK", "resolve_network_config",
+           "estimate_feature_map_voxels", "downsample_factor", "count_parameters"]
