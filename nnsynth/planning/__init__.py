@@ -1,0 +1,1 @@
+"""Dataset fingerprint and self-configuring plans (``nnsynth_plan_and_preprocess``)."""

@@ -1,0 +1,422 @@
+"""Self-configuring plans: every setting derived from the fingerprint and the compute target.
+
+``DefaultPlanner(fingerprint, dataset_name, device, memory_gb).plan()`` returns the plans dict
+(``nnsynthPlans.json``, schema in documentation/architecture.md, rules and rationale in
+documentation/plans.md). Each derivation is one method, so a custom planner subclasses and overrides only
+what it changes; ``-pl`` selects it by registered name or by dotted path (``my_pkg.module.MyPlanner``).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+import math
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+
+import numpy as np
+
+from nnsynth.constants import DEFAULT_PLANS_IDENTIFIER
+from nnsynth.exceptions import PlansError
+from nnsynth.planning.fingerprint import PSEUDO_2D_SPACING, default_num_workers
+from nnsynth.preprocessing.normalization import NORMALIZATION_SCHEME
+from nnsynth.preprocessing.resampling import ANISOTROPY_THRESHOLD, separate_axis
+
+logger = logging.getLogger(__name__)
+
+# --- constants of this module (the planner's knobs; documented in documentation/plans.md) ---------------
+#: patch edges are multiples of this: 2 stride-2 convs (Seq2Seq) and CodeBrain's /8 encoder
+PATCH_DIVISOR = 8
+#: spacing ratio above which the coarse axis gets the 10th-percentile rule (nnU-Net)
+TARGET_SPACING_PERCENTILE = 10
+#: transpose moves an axis ahead of axis 0 only if it is coarser by more than this relative margin
+TRANSPOSE_TOLERANCE = 1e-3
+#: CPU compute reference: one 2d iteration of the real Seq2Seq network of this size takes ~0.4 s on 2 cores
+#: (benchmarks/bench_cpu_iteration.py, documentation/plans.md)
+CPU_REFERENCE = {"encoder_channels": [16, 32, 64], "num_res_blocks": 6, "num_hyper_res_blocks": 6,
+                 "patch_size": [128, 128], "batch_size": 2, "num_adjacent_slices": 3}
+#: network widths per device and dimensionality
+ENCODER_CHANNELS = {("cpu", 2): [16, 32, 64], ("cpu", 3): [8, 16, 32],
+                    ("cuda", 2): [64, 128, 256], ("cuda", 3): [32, 64, 128]}
+MAX_PATCH_EDGE = {("cpu", 2): 128, ("cpu", 3): 96, ("cuda", 2): 256, ("cuda", 3): 160}
+MAX_BATCH_SIZE = {("cpu", 2): 8, ("cpu", 3): 2, ("cuda", 2): 16, ("cuda", 3): 4}
+MIN_BATCH_SIZE = 2
+#: at most this fraction of the dataset's voxels in one batch (nnU-Net)
+MAX_DATASET_FRACTION_PER_BATCH = 0.05
+#: fraction of the memory budget given to activations (the estimate is rough; the rest is weights, optimiser,
+#: cuDNN workspaces, the data loader)
+ACTIVATION_MEMORY_FRACTION = 0.5
+DEFAULT_GPU_MEMORY_GB = 8.0
+#: VQ: latent dim 3 (paper, 4 sequences) + 1 per doubling of the number of sequences beyond 4
+VQ_LATENT_DIM_ANCHOR = 3
+VQ_ANCHOR_SEQUENCES = 4
+#: VQ: at most 256 codes (paper, synthesis), at least 16 (paper, segmentation), and at least this many
+#: training latent vectors per code so every code can be trained
+VQ_CODEBOOK_MAX, VQ_CODEBOOK_MIN, VQ_VECTORS_PER_CODE = 256, 16, 1000
+VQ_CODEBOOK_SEGMENTATION = 16
+#: FSQ: L = 5 (paper); N * d ~= 28 (paper: 3 x 9 = 27 IXI, 4 x 7 = 28 BraTS) so E_prior's N*d outputs stay
+#: the same size; d within [4, 12]
+FSQ_LEVEL, FSQ_TOTAL_DIMS, FSQ_MIN_DIM, FSQ_MAX_DIM = 5, 28, 4, 12
+#: sequence-code length: paper code 64, always >= number of sequences
+CODE_LENGTH_ANCHOR = 64
+NUM_ADJACENT_SLICES = 3
+
+TRAINERS = ("seq2seq", "vq_seq2seq", "tsf_seq2seq", "codebrain", "seg_from_latent")
+
+
+# --- compute target ---------------------------------------------------------------------------------------
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'mps' plans like 'cpu' (small, fp32)."""
+    device = (device or "auto").lower()
+    if device not in ("auto", "cpu", "cuda", "mps"):
+        raise PlansError(f"--device must be auto, cpu, cuda or mps, got {device!r}")
+    if device == "auto":
+        try:
+            import torch
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:  # pragma: no cover - torch is a dependency
+            return "cpu"
+    return "cpu" if device == "mps" else device
+
+
+def default_memory_gb(device: str) -> float:
+    """GPU memory of device 0 (or 8 GB when planning for a GPU not present); half the RAM for CPU."""
+    if device == "cuda":
+        try:
+            import torch
+            if torch.cuda.is_available():
+                return round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1)
+        except ImportError:  # pragma: no cover
+            pass
+        return DEFAULT_GPU_MEMORY_GB
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        total = 8.0
+    return round(max(1.0, total / 2), 1)
+
+
+# --- cost model of the Seq2Seq network --------------------------------------------------------------------
+
+def _convs(channels: Sequence[int], kernels: Sequence[int], n_res: int, n_hyper: int, k_in: int,
+           spatial_dims: int) -> List[Tuple[int, int, int, int]]:
+    """(level, kernel volume, c_in, c_out) of every convolution of encoder + HyperConv decoder."""
+    c0, c1, c2 = channels
+    kv = [int(k) ** spatial_dims for k in kernels]
+    k3 = 3 ** spatial_dims
+    convs = [(0, kv[0], k_in, c0), (1, kv[1], c0, c1), (2, kv[2], c1, c2)]
+    convs += [(2, k3, c2, c2)] * (2 * (n_res + n_hyper))
+    convs += [(1, k3, c2, c1), (0, k3, c1, c0), (0, kv[0], c0, k_in)]
+    return convs
+
+
+def iteration_cost(patch: Sequence[int], net: Dict[str, Any], k_in: int = 1) -> Tuple[float, float]:
+    """(multiply-adds, stored activation values) of one forward pass for ONE sample.
+
+    Every conv stores its output, its normalised output and its activation for backward (3 values per
+    output voxel per channel). Backward costs ~2x forward, which the budgets below absorb.
+    """
+    dims = len(patch)
+    vox = float(np.prod(patch))
+    flops, acts = 0.0, 0.0
+    for level, kvol, cin, cout in _convs(net["encoder_channels"], net["encoder_kernel_sizes"],
+                                         net["num_res_blocks"], net["num_hyper_res_blocks"], k_in, dims):
+        v = vox / (2 ** dims) ** level
+        flops += kvol * cin * cout * v
+        acts += 3 * cout * v
+    return flops, acts
+
+
+def _pow2_floor(x: float) -> int:
+    return 2 ** int(math.floor(math.log2(max(x, 1.0))))
+
+
+def _round_up(x: float, m: int) -> int:
+    return int(max(m, m * math.ceil(x / m)))
+
+
+# --- the planner ------------------------------------------------------------------------------------------
+
+_REGISTRY: Dict[str, str] = {}
+
+
+def register_planner(name: str) -> Callable[[type], type]:
+    """Class decorator: make a planner selectable with ``-pl name``."""
+    def deco(cls: type) -> type:
+        _REGISTRY[name] = f"{cls.__module__}.{cls.__qualname__}"
+        return cls
+    return deco
+
+
+@register_planner("default")
+class DefaultPlanner:
+    """nnU-Net-style rule-based planner for synthesis; see documentation/plans.md for every rule."""
+
+    def __init__(self, fingerprint: Dict[str, Any], dataset_name: str, device: str = "auto",
+                 memory_gb: Optional[float] = None, plans_name: str = DEFAULT_PLANS_IDENTIFIER) -> None:
+        self.fp = fingerprint
+        self.dataset_name = dataset_name
+        self.device = resolve_device(device)
+        self.memory_gb = float(memory_gb) if memory_gb else default_memory_gb(self.device)
+        if self.memory_gb <= 0:
+            raise PlansError(f"--memory-gb must be positive, got {memory_gb}")
+        self.plans_name = plans_name
+        self.sequences: List[str] = list(fingerprint["sequences"])
+        self.num_sequences = len(self.sequences)
+        self.spacings = np.asarray(fingerprint["spacings"], dtype=float)
+        self.shapes = np.asarray(fingerprint["shapes_after_crop"], dtype=float)
+        self.num_cases = int(fingerprint["num_cases"])
+        self.is_2d = bool(fingerprint.get("is_2d", False))
+
+    # -- geometry ------------------------------------------------------------------------------------------
+    def target_spacing(self) -> List[float]:
+        """Median spacing; a much coarser axis (> 3x, with > 3x fewer voxels) takes its 10th percentile."""
+        target = np.median(self.spacings, axis=0)
+        if self.is_2d:
+            return [PSEUDO_2D_SPACING] + [float(s) for s in target[1:]]
+        size = np.median(self.shapes * self.spacings / target, axis=0)
+        worst = int(np.argmax(target))
+        other = [i for i in range(3) if i != worst]
+        aniso_spacing = target[worst] > ANISOTROPY_THRESHOLD * min(target[other])
+        aniso_voxels = size[worst] * ANISOTROPY_THRESHOLD < min(size[other])
+        if aniso_spacing and aniso_voxels:
+            p = float(np.percentile(self.spacings[:, worst], TARGET_SPACING_PERCENTILE))
+            target[worst] = max(p, float(max(target[other])) + 1e-5)
+        return [float(s) for s in target]
+
+    def transpose(self, target_spacing: Sequence[float]) -> Tuple[List[int], List[int]]:
+        """Coarsest axis first (the 2.5D slicing axis), others in order; identity when isotropic."""
+        sp = np.asarray(target_spacing)
+        worst = int(np.argmax(sp))
+        if sp[worst] <= sp[0] * (1 + TRANSPOSE_TOLERANCE):
+            worst = 0
+        forward = [worst] + [i for i in range(3) if i != worst]
+        return forward, [int(i) for i in np.argsort(forward)]
+
+    def median_shape(self, target_spacing: Sequence[float], keep_z: bool = False) -> List[float]:
+        """Median shape after cropping and resampling (array order, before transposing)."""
+        target = np.asarray(target_spacing, dtype=float)
+        factors = self.spacings / target
+        if keep_z or self.is_2d:
+            factors[:, 0] = 1.0
+        return [float(s) for s in np.median(np.round(self.shapes * factors), axis=0)]
+
+    # -- network ---------------------------------------------------------------------------------------------
+    def network(self, spatial_dims: int) -> Dict[str, Any]:
+        return {"encoder_channels": list(ENCODER_CHANNELS[(self.device, spatial_dims)]),
+                "encoder_kernel_sizes": [7, 3, 3], "num_res_blocks": 6, "num_hyper_res_blocks": 6,
+                "hyper_bank_size": 16, "code_length": self.code_length(),
+                "hyper_mlp_hidden": 64, "norm": "instance", "negative_slope": 0.2, "padding_mode": "reflect",
+                "upsample_mode": "nearest", "res_kernel_size": 3}
+
+    def code_length(self) -> int:
+        """One-hot sequence-code length: 64 as in the paper code, or the next power of 2 >= N."""
+        return max(CODE_LENGTH_ANCHOR, 2 ** int(math.ceil(math.log2(max(self.num_sequences, 1)))))
+
+    def _budget(self, spatial_dims: int) -> Tuple[str, float]:
+        """('flops', budget) on CPU (time-bound), ('bytes', budget) on a GPU (memory-bound)."""
+        if self.device == "cpu":
+            ref = dict(self.network(2), **{k: v for k, v in CPU_REFERENCE.items() if k in
+                                            ("encoder_channels", "num_res_blocks", "num_hyper_res_blocks")})
+            flops, _ = iteration_cost(CPU_REFERENCE["patch_size"], ref, CPU_REFERENCE["num_adjacent_slices"])
+            return "flops", flops * CPU_REFERENCE["batch_size"]
+        return "bytes", self.memory_gb * 2 ** 30 * ACTIVATION_MEMORY_FRACTION
+
+    def _sample_cost(self, patch: Sequence[int], net: Dict[str, Any], k_in: int) -> Tuple[float, float]:
+        flops, acts = iteration_cost(patch, net, k_in)
+        bytes_per_value = 2 if self.device == "cuda" else 4  # AMP on CUDA
+        # backward keeps the forward activations and builds as many gradients
+        return flops, acts * bytes_per_value * 2
+
+    def patch_and_batch(self, median: Sequence[float], net: Dict[str, Any], spatial_dims: int, k_in: int,
+                        dataset_voxels: float) -> Tuple[List[int], int]:
+        """nnU-Net's rule: start from the median shape, shrink the axis with the largest patch/median ratio
+        until MIN_BATCH_SIZE samples fit the budget, then fill the budget with the batch size."""
+        key = (self.device, spatial_dims)
+        kind, budget = self._budget(spatial_dims)
+        mem_budget = self.memory_gb * 2 ** 30 * ACTIVATION_MEMORY_FRACTION
+        patch = [min(_round_up(m, PATCH_DIVISOR), MAX_PATCH_EDGE[key]) for m in median]
+
+        def fits(p: Sequence[int], b: int) -> bool:
+            flops, mem = self._sample_cost(p, net, k_in)
+            ok = mem * b <= mem_budget
+            return ok and (flops * b <= budget if kind == "flops" else True)
+
+        while not fits(patch, MIN_BATCH_SIZE) and max(patch) > PATCH_DIVISOR:
+            ratios = [p / max(m, 1.0) if p > PATCH_DIVISOR else -1 for p, m in zip(patch, median)]
+            axis = int(np.argmax(ratios))
+            patch[axis] -= PATCH_DIVISOR
+        batch = MIN_BATCH_SIZE
+        while batch < MAX_BATCH_SIZE[key] and fits(patch, batch + 1):
+            batch += 1
+        cap = int(MAX_DATASET_FRACTION_PER_BATCH * dataset_voxels / float(np.prod(patch)))
+        batch = max(MIN_BATCH_SIZE, min(batch, cap))
+        return patch, batch
+
+    # -- VQ / FSQ ---------------------------------------------------------------------------------------------
+    def latent_dim(self) -> int:
+        extra = max(0, math.ceil(math.log2(self.num_sequences / VQ_ANCHOR_SEQUENCES))) \
+            if self.num_sequences > VQ_ANCHOR_SEQUENCES else 0
+        return VQ_LATENT_DIM_ANCHOR + extra
+
+    def codebook_size(self, latent_vectors_total: float) -> int:
+        k = _pow2_floor(latent_vectors_total / VQ_VECTORS_PER_CODE)
+        return int(min(VQ_CODEBOOK_MAX, max(VQ_CODEBOOK_MIN, k)))
+
+    def vq(self, latent_vectors_per_case: float) -> Dict[str, Any]:
+        total = latent_vectors_per_case * self.num_cases
+        k = self.codebook_size(total)
+        return {"latent_dim": self.latent_dim(), "codebook_size": k,
+                "codebook_size_segmentation": min(VQ_CODEBOOK_SEGMENTATION, k), "beta": 0.25,
+                "latent_vectors_per_case": int(latent_vectors_per_case),
+                "dead_code_restart": True, "dead_code_ema_decay": 0.99, "dead_code_threshold": 1.0,
+                "init": "kmeans", "vqc_variance": "std"}
+
+    def fsq(self) -> Dict[str, Any]:
+        d = int(min(FSQ_MAX_DIM, max(FSQ_MIN_DIM, round(FSQ_TOTAL_DIMS / self.num_sequences))))
+        width = 32 if self.device == "cuda" else 16
+        blocks = [2, 2, 2] if self.device == "cuda" else [1, 1, 1]
+        return {"levels": [FSQ_LEVEL] * d, "code_dim": d, "downsample_factor": 8, "nafnet_width": width,
+                "nafnet_enc_blocks": blocks, "nafnet_middle_blocks": blocks[0], "nafnet_dec_blocks": blocks,
+                "mask_patterns": "all"}
+
+    # -- schedules, losses, augmentation ------------------------------------------------------------------
+    def training(self) -> Dict[str, Any]:
+        gpu = self.device == "cuda"
+        epochs, iters = (1000, 250) if gpu else (50, 100)
+        total = epochs * iters
+        per_trainer = {
+            "seq2seq": {"optimizer": "adam", "lr": 2e-4, "weight_decay": 0.0, "betas": [0.9, 0.999],
+                        "schedule": "poly"},
+            "vq_seq2seq": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.95],
+                           "schedule": "poly"},
+            "tsf_seq2seq": {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999],
+                            "schedule": "poly"},
+            "codebrain": {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.0, "betas": [0.9, 0.9],
+                          "schedule": "cosine", "min_lr": 5e-5},
+            "seg_from_latent": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "betas": [0.9, 0.999],
+                                "schedule": "poly"},
+        }
+        return {"optimizer": "adam", "lr": 2e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "schedule": "poly",
+                "poly_exponent": 0.9, "min_lr": 0.0, "warmup_iters": int(min(1000, 0.02 * total)),
+                "num_epochs": epochs, "iters_per_epoch": iters, "val_iters": 50 if gpu else 10,
+                "grad_clip": 12.0, "amp": gpu, "compile": False, "num_workers": default_num_workers(),
+                "per_trainer": per_trainer}
+
+    def loss(self, num_epochs: int) -> Dict[str, Any]:
+        return {
+            "seq2seq": {"lambda_l1": 10.0, "lambda_perceptual": 0.01, "lambda_adv": 0.0, "lambda_cycle": 0.0},
+            "vq_seq2seq": {"lambda_l1": 10.0, "lambda_ssim": 1.0, "lambda_perceptual": 0.1, "lambda_con": 10.0,
+                           "lambda_vq": 10.0, "tau": 0.07, "max_contrastive_positions": 4096,
+                           "contrastive_start_epoch": min(100, num_epochs // 10),
+                           "vqc_start_epoch": min(200, num_epochs // 5)},
+            "tsf_seq2seq": {"lambda_l1": 10.0, "lambda_perceptual": 0.01, "omega_eps": 1e-5},
+            "codebrain": {"psnr_weight_available": 5.0, "psnr_weight_missing": 20.0, "lambda_adv": 0.1,
+                          "adv_start_fraction": 0.2, "lambda_grading": 1.0},
+            "seg_from_latent": {"lambda_dice": 1.0, "lambda_ce": 1.0},
+        }
+
+    def augmentation(self, spatial_dims: int, transpose_forward: Sequence[int]) -> Dict[str, Any]:
+        x_axis = list(transpose_forward).index(2)  # left-right axis in network order
+        if spatial_dims == 2:  # patch axes are network axes 1, 2; an x axis used for slicing is not mirrored
+            mirror = [x_axis - 1] if x_axis > 0 else []
+        else:
+            mirror = [x_axis]
+        return {"p_rotation": 0.2, "rotation_degrees": [-15.0, 15.0], "p_scaling": 0.2, "scaling": [0.85, 1.15],
+                "mirror_axes": mirror, "p_mirror": 0.5,
+                "p_gamma": 0.3, "gamma": [0.95, 1.05], "p_noise": 0.1, "noise_sigma": [0.0, 0.1],
+                "p_bias_field": 0.3, "bias_field_scale": 0.2, "bias_field_alpha": [0.0, 2.0],
+                "p_domain_augmentation": 0.5}
+
+    def resampling(self, spacing: Sequence[float]) -> Dict[str, Any]:
+        return {"order_data": 3, "order_seg": 0, "anisotropy_threshold": ANISOTROPY_THRESHOLD,
+                "order_data_through_plane_if_anisotropic": 0,
+                "separate_through_plane": separate_axis(spacing, spacing) is not None}
+
+    # -- configurations ------------------------------------------------------------------------------------
+    def configuration(self, spatial_dims: int, target: Sequence[float], tf: Sequence[int]) -> Dict[str, Any]:
+        median = self.median_shape(target, keep_z=spatial_dims == 2)
+        median_t = [median[a] for a in tf]
+        spacing_t = [float(target[a]) for a in tf]
+        if spatial_dims == 2:
+            spacing_t[0] = float(np.median(self.spacings[:, tf[0]]))
+        net = self.network(spatial_dims)
+        k = NUM_ADJACENT_SLICES if spatial_dims == 2 and median_t[0] >= NUM_ADJACENT_SLICES else 1
+        dataset_voxels = float(np.prod(median_t)) * self.num_cases
+        plane = median_t[1:] if spatial_dims == 2 else median_t
+        patch, batch = self.patch_and_batch(plane, net, spatial_dims, k, dataset_voxels)
+        per_case = float(np.prod(median_t)) / (4 ** 2 if spatial_dims == 2 else 4 ** 3)
+        training = self.training()
+        return {
+            "data_identifier": f"{self.plans_name}_{spatial_dims}d",
+            "spatial_dims": spatial_dims,
+            "spacing": spacing_t,
+            "median_shape": [int(round(m)) for m in median_t],
+            "patch_size": patch,
+            "num_adjacent_slices": k,
+            "batch_size": batch,
+            "resampling": self.resampling(spacing_t),
+            "network": net,
+            "vq": self.vq(per_case),
+            "fsq": self.fsq(),
+            "tsf": {"attention_reduction": 16, "spatial_kernel": 7},
+            "training": training,
+            "loss": self.loss(training["num_epochs"]),
+            "augmentation": self.augmentation(spatial_dims, tf),
+        }
+
+    def plan(self, configurations: Sequence[str] = ("2d", "3d")) -> Dict[str, Any]:
+        target = self.target_spacing()
+        tf, tb = self.transpose(target)
+        confs: Dict[str, Any] = {}
+        for name in configurations:
+            if name not in ("2d", "3d"):
+                raise PlansError(f"unknown configuration {name!r}; choose from 2d, 3d")
+            if name == "3d" and self.is_2d:
+                logger.info("The dataset's images are 2D: configuration 3d is left out")
+                continue
+            confs[name] = self.configuration(2 if name == "2d" else 3, target, tf)
+        median_sp = np.median(self.spacings, axis=0)
+        median_sh = np.median(self.shapes, axis=0)
+        return {
+            "dataset_name": self.dataset_name,
+            "plans_name": self.plans_name,
+            "planner": f"{type(self).__module__}.{type(self).__qualname__}",
+            "sequences": self.sequences,
+            "channel_ids": list(self.fp["channel_ids"]),
+            "num_training_cases": self.num_cases,
+            "transpose_forward": tf,
+            "transpose_backward": tb,
+            "original_median_spacing_after_transp": [float(median_sp[a]) for a in tf],
+            "original_median_shape_after_transp": [int(round(median_sh[a])) for a in tf],
+            "normalization": dict(NORMALIZATION_SCHEME),
+            "compute": {"device": self.device, "memory_gb": self.memory_gb},
+            "configurations": confs,
+        }
+
+
+def available_planners() -> Dict[str, str]:
+    return dict(_REGISTRY)
+
+
+def get_planner_class(name: str) -> Type[DefaultPlanner]:
+    """A registered planner name (``default``) or a dotted path ``package.module.Class``."""
+    if name in _REGISTRY:
+        name = _REGISTRY[name]
+    if "." not in name:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise PlansError(f"unknown planner {name!r}. Registered: {', '.join(sorted(_REGISTRY))}; or pass a "
+                         f"dotted path like my_package.my_module.MyPlanner.{hint}")
+    module_name, _, cls_name = name.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise PlansError(f"cannot import planner module {module_name!r} ({e})") from None
+    cls = getattr(module, cls_name, None)
+    if cls is None or not isinstance(cls, type):
+        raise PlansError(f"module {module_name!r} has no class {cls_name!r}")
+    if not hasattr(cls, "plan"):
+        raise PlansError(f"{name} is not a planner (it has no plan() method); subclass DefaultPlanner")
+    return cls
