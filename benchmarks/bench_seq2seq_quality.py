@@ -1,0 +1,102 @@
+"""Seq2Seq quality on the demo dataset against the voxelwise intensity-lookup baseline.
+
+demo dataset -> nnsynth_plan_and_preprocess (2d) -> nnsynth_train seq2seq all --max-minutes M (CPU by default)
+-> nnsynth_predict Flair from T1+T1Gd+T2 of the held-out test cases (imagesTs_truth, Flair withheld)
+-> CONTRACT.md section 5 metrics next to ``intensity_lookup_baseline.py`` on the same cases.
+Target (issue 4): >= 5 dB PSNR above the baseline after --max-minutes 20 on 2 CPU cores.
+
+    python benchmarks/bench_seq2seq_quality.py --work /tmp/nnsynth_bench --max-minutes 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from intensity_lookup_baseline import _channel_ids, run as run_baseline  # noqa: E402
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("/tmp/nnsynth_bench_quality"))
+    p.add_argument("--dataset-id", type=int, default=501)
+    p.add_argument("--max-minutes", type=float, default=20.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--fold", default="0", help="fold 0 keeps the final validation short (5 cases); all = every case")
+    p.add_argument("--sources", nargs="+", default=["T1", "T1Gd", "T2"])
+    p.add_argument("--target", default="Flair")
+    p.add_argument("--fresh", action="store_true", help="delete the work folder first")
+    a = p.parse_args(argv)
+    if a.fresh and a.work.exists():
+        shutil.rmtree(a.work)
+    for var, sub in (("nnSynth_raw", "raw"), ("nnSynth_preprocessed", "preprocessed"), ("nnSynth_results", "results")):
+        os.environ[var] = str(a.work / sub)
+    from nnsynth.cli.plan_and_preprocess import cli as plan_cli
+    from nnsynth.cli.predict import cli as predict_cli
+    from nnsynth.cli.train import cli as train_cli
+    from nnsynth.dataset.demo import make_demo_dataset
+    from nnsynth.dataset.io import read_image
+    from nnsynth.evaluation.metrics import compute_metrics
+    from nnsynth.paths import resolve_dataset_name
+
+    timings = {}
+    raw_root = a.work / "raw"
+    existing = [d for d in raw_root.glob(f"Dataset{a.dataset_id:03d}_*")] if raw_root.is_dir() else []
+    t = time.time()
+    raw = existing[0] if existing else make_demo_dataset(dataset=a.dataset_id, progress=False)
+    timings["make_demo_s"] = time.time() - t
+    t = time.time()
+    if plan_cli(["-d", str(a.dataset_id), "-c", "2d", "--device", a.device]) != 0:
+        return 1
+    timings["plan_and_preprocess_s"] = time.time() - t
+    t = time.time()
+    if train_cli([str(a.dataset_id), "seq2seq", a.fold, "--device", a.device, "--max-minutes", str(a.max_minutes)]) != 0:
+        return 1
+    timings["train_and_validate_s"] = time.time() - t
+
+    ids, ending = _channel_ids(raw)
+    truth = raw / "imagesTs_truth"
+    inp, out = a.work / "predict_in", a.work / "predict_out"
+    shutil.rmtree(inp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    inp.mkdir(parents=True)
+    cases = sorted({f.name[: -len(ending) - 5] for f in truth.glob(f"*_{ids[a.target]}{ending}")})
+    for case in cases:
+        for s in a.sources:
+            src = truth / f"{case}_{ids[s]}{ending}"
+            if src.is_file():
+                shutil.copyfile(src, inp / src.name)
+    t = time.time()
+    rc = predict_cli(["-i", str(inp), "-o", str(out), "-t", a.target, "-d", str(a.dataset_id), "-tr", "seq2seq",
+                      "-c", "2d", "-f", a.fold, "--device", a.device, "--no-progress"])
+    timings["predict_s"] = time.time() - t
+    if rc != 0:
+        return 1
+    per_case = []
+    for case in cases:
+        ref = read_image(truth / f"{case}_{ids[a.target]}{ending}")[0]
+        pred = read_image(out / f"{case}_{ids[a.target]}{ending}")[0]
+        m = compute_metrics(ref, pred, None, compute_lpips=False)
+        per_case.append({"case": case, **{k: float(m[k]) for k in ("psnr", "ssim", "mae")}})
+    model = {k: float(np.mean([r[k] for r in per_case])) for k in ("psnr", "ssim", "mae")}
+    base = run_baseline(raw, a.sources, a.target, "imagesTs_truth")
+    result = {"dataset": resolve_dataset_name(a.dataset_id), "max_minutes": a.max_minutes, "device": a.device,
+              "fold": a.fold, "threads": __import__("torch").get_num_threads(), "test_cases": len(cases),
+              "seq2seq": model, "baseline": base["mean"], "psnr_gain_db": model["psnr"] - base["mean"]["psnr"],
+              "target_gain_db": 5.0, "timings": timings, "per_case": per_case, "baseline_per_case": base["per_case"]}
+    (a.work / "bench_seq2seq_quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    sys.stdout.write(json.dumps({k: result[k] for k in ("seq2seq", "baseline", "psnr_gain_db", "test_cases",
+                                                        "timings")}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

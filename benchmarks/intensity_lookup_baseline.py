@@ -1,0 +1,135 @@
+"""Voxelwise intensity-lookup baseline for synthesis: the bar a learned model has to clear.
+
+Learned on the training cases (``imagesTr``): every source image is mapped to [0, 1] inside the case's
+nonzero mask by its own 0.5/99.5 percentiles, quantised into ``bins`` levels, and each cell of the joint
+source quantisation (3 sources x 16 bins = 4096 cells) stores the mean normalised target intensity.
+Cells never seen in training fall back to coarser grids (8, 4, 2 bins per source), then the global mean.
+Applied to held-out cases (default ``imagesTs_truth``, which holds every sequence), scored per CONTRACT.md
+section 5 with ``nnsynth.evaluation.metrics.compute_metrics``.
+
+    python benchmarks/intensity_lookup_baseline.py RAW_DATASET_FOLDER [--sources T1 T1Gd T2] [--target Flair]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from nnsynth.dataset.io import read_image
+from nnsynth.evaluation.metrics import compute_metrics
+from nnsynth.preprocessing.normalization import normalize, percentile_bounds
+
+logger = logging.getLogger("nnsynth.benchmarks.lookup")
+LEVELS = (16, 8, 4, 2)
+
+
+def _channel_ids(folder: Path) -> Tuple[Dict[str, str], str]:
+    spec = json.loads((folder / "dataset.json").read_text())
+    return {name: f"{int(cid):04d}" for cid, name in spec["channel_names"].items()}, spec["file_ending"]
+
+
+def load_cases(image_folder: Path, names: Sequence[str], ids: Dict[str, str], ending: str) -> Dict[str, List[np.ndarray]]:
+    """{case: [normalised image per name]} for cases that have every requested sequence."""
+    cases: Dict[str, List[np.ndarray]] = {}
+    stems = sorted({p.name[: -len(ending) - 5] for p in image_folder.glob(f"*{ending}")})
+    for case in stems:
+        files = [image_folder / f"{case}_{ids[n]}{ending}" for n in names]
+        if not all(f.is_file() for f in files):
+            continue
+        images = [read_image(f)[0].astype(np.float32) for f in files]
+        mask = np.any([im != 0 for im in images], axis=0)
+        out = []
+        for im in images:
+            lo, hi = percentile_bounds(im[mask])
+            out.append(normalize(im, mask, lo, hi))
+        cases[case] = out
+    return cases
+
+
+def _cells(sources: Sequence[np.ndarray], bins: int) -> np.ndarray:
+    idx = np.zeros(sources[0].shape, np.int64)
+    for s in sources:
+        idx = idx * bins + np.clip((s * bins).astype(np.int64), 0, bins - 1)
+    return idx
+
+
+class IntensityLookup:
+    """Mean target per joint source-intensity cell, with coarser fallbacks for empty cells."""
+
+    def fit(self, pairs: Sequence[Tuple[Sequence[np.ndarray], np.ndarray, np.ndarray]]) -> "IntensityLookup":
+        n = len(pairs[0][0])
+        self.tables = []
+        values = np.concatenate([t[m] for _, t, m in pairs])
+        self.global_mean = float(values.mean())
+        for bins in LEVELS:
+            sums = np.zeros(bins ** n)
+            counts = np.zeros(bins ** n)
+            for srcs, tgt, m in pairs:
+                cells = _cells([s[m] for s in srcs], bins)
+                sums += np.bincount(cells, tgt[m], minlength=bins ** n)
+                counts += np.bincount(cells, minlength=bins ** n)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                self.tables.append((bins, np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)))
+        return self
+
+    def predict(self, sources: Sequence[np.ndarray], mask: np.ndarray) -> np.ndarray:
+        out = np.zeros(mask.shape, np.float32)
+        pred = np.full(int(mask.sum()), np.nan)
+        for bins, table in self.tables:
+            todo = np.isnan(pred)
+            if not todo.any():
+                break
+            pred[todo] = table[_cells([s[mask] for s in sources], bins)][todo]
+        pred[np.isnan(pred)] = self.global_mean
+        out[mask] = pred
+        return out
+
+
+def run(raw: Path, sources: Sequence[str], target: str, test_folder: Optional[str] = None) -> Dict[str, object]:
+    ids, ending = _channel_ids(raw)
+    names = list(sources) + [target]
+    train = load_cases(raw / "imagesTr", names, ids, ending)
+    if not train:
+        raise SystemExit(f"No training case in {raw / 'imagesTr'} has all of {names}")
+    pairs = []
+    for imgs in train.values():
+        mask = np.any([im != 0 for im in imgs[:-1]], axis=0) & (imgs[-1] != 0)
+        pairs.append((imgs[:-1], imgs[-1], mask))
+    model = IntensityLookup().fit(pairs)
+    folder = raw / (test_folder or ("imagesTs_truth" if (raw / "imagesTs_truth").is_dir() else "imagesTs"))
+    test = load_cases(folder, names, ids, ending)
+    per_case = []
+    for case, imgs in sorted(test.items()):
+        mask = np.any([im != 0 for im in imgs[:-1]], axis=0)
+        pred = model.predict(imgs[:-1], mask)
+        ref = read_image(folder / f"{case}_{ids[target]}{ending}")[0].astype(np.float32)
+        m = compute_metrics(ref, pred, None, compute_lpips=False)
+        per_case.append({"case": case, **{k: float(m[k]) for k in ("psnr", "ssim", "mae")}})
+    mean = {k: float(np.mean([r[k] for r in per_case])) for k in ("psnr", "ssim", "mae")} if per_case else {}
+    return {"method": "intensity lookup (16 bins per source)", "sources": list(sources), "target": target,
+            "train_cases": len(train), "test_folder": folder.name, "mean": mean, "per_case": per_case}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("raw_dataset", type=Path)
+    p.add_argument("--sources", nargs="+", default=["T1", "T1Gd", "T2"])
+    p.add_argument("--target", default="Flair")
+    p.add_argument("--test-folder", default=None, help="default: imagesTs_truth if present, else imagesTs")
+    p.add_argument("-o", "--output", type=Path, default=None, help="write the result JSON here")
+    a = p.parse_args(argv)
+    result = run(a.raw_dataset, a.sources, a.target, a.test_folder)
+    text = json.dumps(result, indent=2)
+    if a.output:
+        a.output.write_text(text + "\n")
+    sys.stdout.write(json.dumps({"baseline_mean": result["mean"], "test_cases": len(result["per_case"])}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

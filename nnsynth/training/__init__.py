@@ -1,0 +1,1 @@
+"""Training: the shared engine (``engine.TrainingEngine``), the trainer registry and the trainers."""

@@ -1,0 +1,300 @@
+"""Training batches for synthesis: availability-aware pairs, 2.5D slice stacks or 3D patches, augmentation.
+
+Each sample draws a case, then a source and a target sequence among the sequences that case has (both
+uniformly and independently, so ``source == target`` self-reconstruction is included, as in the paper's
+"all ordered pairs including i = j"). The patch centre is a foreground (brain) voxel with probability
+``oversample_foreground`` and a uniform voxel otherwise; images smaller than the patch are zero-padded.
+
+Augmentation (batchgeneratorsv2, per sample, torch): the source goes in ``image``, the target in
+``regression_target`` and the brain mask in ``segmentation``. Spatial transforms (rotation, scaling,
+mirroring) move all three with one grid; intensity transforms (gamma, brightness, noise and the
+multiplicative bias field written here) touch ``image`` only.
+
+Randomness comes from the sampler's own ``numpy.random.Generator`` (state in the checkpoint) and, inside
+batchgeneratorsv2, from numpy's and torch's global generators (also in the checkpoint). In-process loading
+(``num_workers == 0``, the default on small machines) is therefore exactly reproducible; background workers
+(``NonDetMultiThreadedAugmenter``) are faster on many cores but not reproducible.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform, ImageOnlyTransform
+from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
+from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.random import RandomTransform
+
+from nnsynth.exceptions import NnsynthError
+from nnsynth.preprocessing.storage import open_case
+
+logger = logging.getLogger(__name__)
+
+# --- constants of this module (data loading defaults; the plans' "augmentation" entries override them) ----
+FOREGROUND_COORDS_PER_CASE = 20000   # subsample of brain voxels kept per case for foreground sampling
+DEFAULT_OVERSAMPLE_FOREGROUND = 0.9  # brain-centred patches: the background carries no synthesis signal
+SPATIAL_READ_MARGIN = 1.25           # read this much more than the patch so rotations have no empty corners
+DEFAULT_AUGMENTATION: Dict[str, Any] = {
+    "p_rotation": 0.2, "rotation_degrees": [-15.0, 15.0],
+    "p_scaling": 0.2, "scaling": [0.85, 1.15],
+    "mirror_axes": "inplane",         # "inplane", "all" or a list of axes of the patch; [] for none
+    "p_mirror": 0.5,
+    "p_gamma": 0.3, "gamma": [0.95, 1.05],
+    "p_brightness": 0.15, "brightness": [0.9, 1.1],
+    "p_noise": 0.1, "noise_sigma": [0.0, 0.05],
+    "p_bias_field": 0.3, "bias_field_scale": 0.2, "bias_field_order": 3,
+}
+
+
+class BiasFieldTransform(ImageOnlyTransform):
+    """Multiplicative smooth bias field ``x * exp(p(r))`` on the input image only.
+
+    ``p`` is a random polynomial of degree ``order`` in the normalised coordinates ``r`` in [-1, 1] with
+    coefficients in ``[-scale, scale]``; ``exp`` keeps the field positive, so zero background stays zero and
+    the tissue contrast ordering inside a small neighbourhood is kept. All channels share one field
+    (the channels of a 2.5D stack are adjacent slices of one sequence).
+    """
+
+    def __init__(self, scale: float = 0.2, order: int = 3) -> None:
+        super().__init__()
+        self.scale, self.order = float(scale), int(order)
+
+    def get_parameters(self, **data_dict) -> dict:
+        shape = data_dict["image"].shape[1:]
+        exps = [e for e in np.ndindex(*([self.order + 1] * len(shape))) if 0 < sum(e) <= self.order]
+        coefs = (torch.rand(len(exps)) * 2 - 1) * self.scale
+        return {"field": self.make_field(shape, exps, coefs)}
+
+    @staticmethod
+    def make_field(shape: Sequence[int], exponents: Sequence[Tuple[int, ...]], coefs: torch.Tensor) -> torch.Tensor:
+        axes = torch.meshgrid(*[torch.linspace(-1, 1, int(s)) for s in shape], indexing="ij")
+        log_field = torch.zeros(tuple(int(s) for s in shape))
+        for e, c in zip(exponents, coefs):
+            term = torch.ones_like(log_field)
+            for ax, p in zip(axes, e):
+                if p:
+                    term = term * ax ** p
+            log_field += float(c) * term
+        return torch.exp(log_field)
+
+    def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
+        return img * params["field"].to(img.dtype)[None]
+
+
+def build_augmentation(patch_size: Sequence[int], spatial_dims: int, settings: Optional[Dict[str, Any]] = None
+                       ) -> Optional[BasicTransform]:
+    """The training transform for one patch; ``settings`` are the plans' ``augmentation`` entries."""
+    cfg = dict(DEFAULT_AUGMENTATION)
+    cfg.update({k: v for k, v in (settings or {}).items() if k in DEFAULT_AUGMENTATION})
+    if (settings or {}).get("enabled", True) is False:
+        return None
+    ndim = len(patch_size)
+    deg = cfg["rotation_degrees"]
+    rot = [math.radians(float(d)) for d in (deg if isinstance(deg, (list, tuple)) else (-deg, deg))]
+    transforms: List[BasicTransform] = [SpatialTransform(
+        tuple(int(p) for p in patch_size), patch_center_dist_from_border=0, random_crop=False,
+        p_rotation=float(cfg["p_rotation"]), rotation=tuple(rot),
+        # 3D: rotate in-plane only when the plan is anisotropic-agnostic; per-axis probability keeps it mild
+        p_rot_per_axis=1.0 if ndim == 2 else 1.0 / 3, p_scaling=float(cfg["p_scaling"]),
+        scaling=tuple(cfg["scaling"]), p_synchronize_scaling_across_axes=1.0, mode_seg="nearest",
+        border_mode_seg="constant", padding_value_seg=0)]
+    mirror = cfg["mirror_axes"]
+    if mirror == "inplane":
+        mirror = [ndim - 1]  # left-right in (y, x) or (z, y, x) patches
+    elif mirror == "all":
+        mirror = list(range(ndim))
+    if mirror and float(cfg["p_mirror"]) > 0:
+        # MirrorTransform flips each allowed axis with probability 0.5 once applied
+        transforms.append(RandomTransform(MirrorTransform(allowed_axes=tuple(int(a) for a in mirror)),
+                                          min(1.0, 2 * float(cfg["p_mirror"]))))
+    transforms += [
+        RandomTransform(GammaTransform(gamma=tuple(cfg["gamma"]), p_invert_image=0.0, synchronize_channels=True,
+                                       p_per_channel=1.0, p_retain_stats=0.0), float(cfg["p_gamma"])),
+        RandomTransform(MultiplicativeBrightnessTransform(multiplier_range=tuple(cfg["brightness"]),
+                                                          synchronize_channels=True, p_per_channel=1.0),
+                        float(cfg["p_brightness"])),
+        RandomTransform(GaussianNoiseTransform(noise_variance=tuple(float(v) ** 2 for v in cfg["noise_sigma"]),
+                                               p_per_channel=1.0,
+                                               synchronize_channels=True), float(cfg["p_noise"])),
+        RandomTransform(BiasFieldTransform(float(cfg["bias_field_scale"]), int(cfg["bias_field_order"])),
+                        float(cfg["p_bias_field"])),
+    ]
+    return ComposeTransforms(transforms)
+
+
+@dataclass
+class CaseInfo:
+    name: str
+    data: Any                 # lazy (C, Z, Y, X) array
+    seg: Any                  # lazy (1, Z, Y, X) int8 array
+    available: List[int]      # indices of the sequences the case has
+    shape: Tuple[int, int, int]
+    foreground: np.ndarray    # (N, 3) subsample of brain voxel coordinates (z, y, x)
+
+
+class CaseStore:
+    """Opens the preprocessed cases once and keeps what sampling needs (availability, brain voxels)."""
+
+    def __init__(self, folder: Union[str, Path], cases: Sequence[str]) -> None:
+        self.folder = Path(folder)
+        self.cases: Dict[str, CaseInfo] = {}
+        for name in cases:
+            data, seg, props = open_case(self.folder, name)
+            available = [i for i, a in enumerate(props["available"]) if a]
+            if not available:
+                logger.warning("Case %s has no available sequence and is skipped", name)
+                continue
+            mask = np.asarray(seg[0]) >= 0
+            coords = np.argwhere(mask)
+            if len(coords) > FOREGROUND_COORDS_PER_CASE:
+                pick = np.random.default_rng(0).choice(len(coords), FOREGROUND_COORDS_PER_CASE, replace=False)
+                coords = coords[np.sort(pick)]
+            self.cases[name] = CaseInfo(name, data, seg, available, tuple(int(s) for s in data.shape[1:]), coords)
+        if not self.cases:
+            raise NnsynthError(f"None of the {len(cases)} cases in {self.folder} has an available sequence")
+
+    @property
+    def names(self) -> List[str]:
+        return list(self.cases)
+
+
+def read_box(array: Any, channel: int, lo: Sequence[int], size: Sequence[int], fill: float = 0.0) -> np.ndarray:
+    """``array[channel, lo:lo+size]`` over (z, y, x), padded with ``fill`` where the box leaves the image."""
+    shape = array.shape[1:]
+    src, dst = [], []
+    for l, s, n in zip(lo, size, shape):
+        a, b = max(l, 0), min(l + s, n)
+        if b <= a:
+            return np.full(tuple(size), fill, np.float32)
+        src.append(slice(a, b))
+        dst.append(slice(a - l, b - l))
+    out = np.full(tuple(size), fill, dtype=np.float32)
+    out[tuple(dst)] = np.asarray(array[(channel,) + tuple(src)], dtype=np.float32)
+    return out
+
+
+def _box_start(center: int, size: int, extent: int) -> int:
+    """Patch start around ``center``, kept inside the image when it fits, centred on the image when not."""
+    if size >= extent:
+        return -((size - extent) // 2)
+    return int(np.clip(center - size // 2, 0, extent - size))
+
+
+class SynthesisSampler:
+    """Draws (source, target) training/validation batches; iterable, with a checkpointable random state."""
+
+    def __init__(self, store: CaseStore, cases: Sequence[str], patch_size: Sequence[int], spatial_dims: int,
+                 num_adjacent_slices: int, batch_size: int, seed: int, transform: Optional[BasicTransform] = None,
+                 oversample_foreground: float = DEFAULT_OVERSAMPLE_FOREGROUND) -> None:
+        self.store = store
+        self.cases = [c for c in cases if c in store.cases]
+        if not self.cases:
+            raise NnsynthError("No usable case to sample from")
+        self.patch_size = [int(p) for p in patch_size]
+        self.spatial_dims, self.k = int(spatial_dims), int(num_adjacent_slices) if spatial_dims == 2 else 1
+        if len(self.patch_size) != self.spatial_dims:
+            raise NnsynthError(f"patch_size {self.patch_size} does not match spatial_dims {spatial_dims}")
+        self.batch_size, self.transform = int(batch_size), transform
+        self.oversample_foreground = float(oversample_foreground)
+        self.seed = int(seed)
+        self.rng = np.random.default_rng(seed)
+        self.thread_id = 0
+
+    # --- state ------------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+    def set_thread_id(self, thread_id: int) -> None:
+        """Called by batchgenerators in each worker: give every worker its own stream."""
+        self.thread_id = thread_id
+        self.rng = np.random.default_rng([self.seed, thread_id + 1])
+
+    # --- sampling ---------------------------------------------------------------------------------------
+    def _center(self, info: CaseInfo) -> Tuple[int, int, int]:
+        if len(info.foreground) and self.rng.random() < self.oversample_foreground:
+            return tuple(int(v) for v in info.foreground[self.rng.integers(len(info.foreground))])
+        return tuple(int(self.rng.integers(s)) for s in info.shape)
+
+    def sample(self, case: str, source: int, target: int, center: Sequence[int]) -> Dict[str, np.ndarray]:
+        """One un-augmented sample: source/target ``(k, y, x)`` (2D) or ``(1, z, y, x)`` (3D) and its mask."""
+        info = self.store.cases[case]
+        z, y, x = center
+        scale = SPATIAL_READ_MARGIN if self.transform is not None else 1.0
+        size_inplane = [int(math.ceil(p * scale)) for p in self.patch_size[-2:]]
+        lo_inplane = [_box_start(c, s, n) for c, s, n in zip((y, x), size_inplane, info.shape[1:])]
+        if self.spatial_dims == 2:
+            zs = np.clip(np.arange(z - self.k // 2, z - self.k // 2 + self.k), 0, info.shape[0] - 1)
+            z0, z1 = int(zs.min()), int(zs.max()) + 1
+            lo, size = [z0] + lo_inplane, [z1 - z0] + size_inplane
+            idx = zs - z0
+            src = read_box(info.data, source, lo, size)[idx]
+            tgt = read_box(info.data, target, lo, size)[idx]
+            mask = read_box(info.seg, 0, lo, size, fill=-1)[idx] >= 0
+        else:
+            pz = int(math.ceil(self.patch_size[0] * scale))
+            lo, size = [_box_start(z, pz, info.shape[0])] + lo_inplane, [pz] + size_inplane
+            src = read_box(info.data, source, lo, size)[None]
+            tgt = read_box(info.data, target, lo, size)[None]
+            mask = (read_box(info.seg, 0, lo, size, fill=-1) >= 0)[None]
+        return {"source": src, "target": tgt, "mask": mask.astype(np.float32)}
+
+    def draw(self) -> Tuple[str, int, int, Tuple[int, int, int]]:
+        case = self.cases[int(self.rng.integers(len(self.cases)))]
+        available = self.store.cases[case].available
+        source = available[int(self.rng.integers(len(available)))]
+        target = available[int(self.rng.integers(len(available)))]
+        return case, source, target, self._center(self.store.cases[case])
+
+    def _finish(self, s: Dict[str, np.ndarray]) -> Dict[str, torch.Tensor]:
+        img, tgt, mask = (torch.from_numpy(np.ascontiguousarray(s[k])) for k in ("source", "target", "mask"))
+        if self.transform is not None:
+            out = self.transform(image=img, regression_target=tgt, segmentation=mask.to(torch.int16))
+            img, tgt, mask = out["image"], out["regression_target"], out["segmentation"].float()
+        return {"source": img.float(), "target": tgt.float(), "mask": mask.float()}
+
+    def next_batch(self) -> Dict[str, Any]:
+        draws = [self.draw() for _ in range(self.batch_size)]
+        samples = [self._finish(self.sample(c, s, t, ctr)) for c, s, t, ctr in draws]
+        batch: Dict[str, Any] = {k: torch.stack([smp[k] for smp in samples]) for k in ("source", "target", "mask")}
+        batch["source_idx"] = torch.tensor([d[1] for d in draws], dtype=torch.long)
+        batch["target_idx"] = torch.tensor([d[2] for d in draws], dtype=torch.long)
+        batch["cases"] = [d[0] for d in draws]
+        return batch
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        return self.next_batch()
+
+
+def make_training_iterator(sampler: SynthesisSampler, num_workers: int) -> Iterator[Dict[str, Any]]:
+    """In-process iteration for ``num_workers == 0`` (reproducible), else batchgenerators background workers."""
+    if num_workers <= 0:
+        return sampler
+    from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+    seeds = [sampler.seed + 1000 * (i + 1) for i in range(num_workers)]
+    return NonDetMultiThreadedAugmenter(sampler, None, num_workers, num_cached=max(2, num_workers), seeds=seeds,
+                                        pin_memory=torch.cuda.is_available())
+
+
+def fixed_validation_batches(store: CaseStore, cases: Sequence[str], patch_size: Sequence[int], spatial_dims: int,
+                             num_adjacent_slices: int, batch_size: int, num_batches: int, seed: int
+                             ) -> List[Dict[str, Any]]:
+    """The same brain-centred, un-augmented batches every epoch, so validation curves are comparable."""
+    sampler = SynthesisSampler(store, cases, patch_size, spatial_dims, num_adjacent_slices, batch_size, seed,
+                               transform=None, oversample_foreground=1.0)
+    return [sampler.next_batch() for _ in range(num_batches)]

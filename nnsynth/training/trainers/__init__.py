@@ -1,0 +1,1 @@
+"""Trainers: small subclasses of ``nnsynth.training.engine.TrainingEngine`` (see ``registry.TRAINERS``)."""

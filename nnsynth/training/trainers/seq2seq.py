@@ -1,0 +1,145 @@
+"""Seq2Seq (Han et al., ``papers/seq2seq_imaging_differentiation.md``): one encoder, a code-conditioned
+HyperConv decoder, any source -> any target.
+
+Loss (eq. 1), per training sample (a random ordered pair (i, j) of the case's available sequences, i = j
+included): ``lambda_r * L1(X'_{i->j}, X_j) + lambda_p * perceptual(X'_{i->j}, X_j)``, lambda_r = 10 and
+lambda_p = 0.01 by default (plans ``loss``). The perceptual term runs only where pretrained backbone weights
+exist on this machine (``nnsynth.losses.perceptual``); otherwise one log line says it is off.
+
+Optional, for severely unpaired data (plans ``loss.cycle`` / ``loss.adversarial``, both off by default):
+the cycle term of eq. 3, ``L1(G(E(X'_{i->j}) | s_i), X_i)`` over pairs with i != j, and the adversarial
+term of eq. 2 as a least-squares PatchGAN with one output map per sequence (D_j = channel j).
+
+Full-volume synthesis from several sources averages the per-source outputs (output space), since a
+Seq2Seq model is trained one source at a time; ``fusion = "latent"`` averages encoder features instead.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnsynth.training.engine import TrainingEngine
+
+logger = logging.getLogger(__name__)
+
+# --- constants of this module (paper defaults; the plans' "loss" entry overrides them) -----------------------
+# lambda_l1 / lambda_perceptual defaults live in nnsynth.losses.reconstruction (10 and 0.01, eq. 1).
+SEQ2SEQ_LOSS_DEFAULTS: Dict[str, Any] = {"lambda_cycle": 0.0, "lambda_adv": 0.0, "discriminator_lr": 2e-4}
+
+
+class PatchDiscriminator(nn.Module):
+    """Small PatchGAN (LSGAN targets): strided conv-norm-LeakyReLU, one output map per sequence."""
+
+    def __init__(self, in_channels: int, num_sequences: int, spatial_dims: int, width: int = 32, depth: int = 3) -> None:
+        super().__init__()
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        norm = nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d
+        layers, c = [conv(in_channels, width, 4, 2, 1), nn.LeakyReLU(0.2)], width
+        for _ in range(depth - 1):
+            layers += [conv(c, c * 2, 4, 2, 1), norm(c * 2, affine=True), nn.LeakyReLU(0.2)]
+            c *= 2
+        layers.append(conv(c, num_sequences, 3, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+        out = self.net(x * 2 - 1)
+        return out[torch.arange(x.shape[0], device=x.device), sequence]
+
+
+class Seq2SeqTrainer(TrainingEngine):
+    trainer_name = "seq2seq"
+    fusion = "output"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_cfg = {**SEQ2SEQ_LOSS_DEFAULTS, **self.loss_settings}
+        self.lambda_cycle = float(self.loss_cfg["lambda_cycle"])
+        self.lambda_adv = float(self.loss_cfg["lambda_adv"])
+
+    # ----- network and losses ------------------------------------------------------------------------------
+    def build_network(self) -> nn.Module:
+        from nnsynth.networks.seq2seq import Seq2SeqNet
+        return Seq2SeqNet(len(self.sequences), self.num_adjacent_slices, self.spatial_dims, self.config["network"])
+
+    def initialize(self) -> None:
+        if self.was_initialized:
+            return
+        super().initialize()
+        from nnsynth.losses.perceptual import PerceptualLoss
+        from nnsynth.losses.reconstruction import Seq2SeqLoss
+        self.recon_loss = Seq2SeqLoss.from_config(self.loss_cfg)
+        if self.recon_loss.lambda_perceptual > 0:
+            perceptual = PerceptualLoss()  # looks for local weights only; logs once when there are none
+            if perceptual.available:
+                self.recon_loss.perceptual = perceptual.to(self.device)
+            else:
+                logger.info("Perceptual loss off: no pretrained backbone weights on this machine (L1 only)")
+        self.discriminator = None
+        if self.lambda_adv > 0:
+            self.discriminator = PatchDiscriminator(self.num_adjacent_slices, len(self.sequences),
+                                                    self.spatial_dims).to(self.device)
+            self.d_optimizer = torch.optim.AdamW(self.discriminator.parameters(),
+                                                 lr=float(self.loss_cfg["discriminator_lr"]), betas=(0.5, 0.999))
+            logger.info("Adversarial (LSGAN PatchGAN) term on, weight %s", self.lambda_adv)
+        if self.lambda_cycle > 0:
+            logger.info("Cycle-consistency term on, weight %s", self.lambda_cycle)
+
+    def compute_loss(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        pred = self.train_network(batch["source"], batch["target_idx"])
+        terms = self.recon_loss.terms(pred.float(), batch["target"])  # eq. 1 over the whole patch, as the paper
+        loss, parts = terms["loss"], {}
+        cross = batch["source_idx"] != batch["target_idx"]
+        if self.lambda_cycle > 0 and bool(cross.any()):
+            back = self.train_network(pred[cross], batch["source_idx"][cross])
+            cyc = F.l1_loss(back.float(), batch["source"][cross])
+            loss = loss + self.lambda_cycle * cyc
+            parts["cycle"] = float(cyc.detach())
+        if self.discriminator is not None and bool(cross.any()):
+            for p in self.discriminator.parameters():
+                p.requires_grad_(False)
+            adv = ((self.discriminator(pred[cross], batch["target_idx"][cross]) - 1) ** 2).mean()
+            loss = loss + self.lambda_adv * adv
+            parts["adversarial"] = float(adv.detach())
+            self._fake = (pred[cross].detach(), batch["target_idx"][cross])
+        return loss, parts
+
+    def train_step(self, batch: Dict[str, Any]) -> float:
+        self._fake = None
+        value = super().train_step(batch)
+        if self.discriminator is not None and self._fake is not None:
+            fake, seq = self._fake
+            for p in self.discriminator.parameters():
+                p.requires_grad_(True)
+            self.d_optimizer.zero_grad(set_to_none=True)
+            real = batch["target"][batch["source_idx"] != batch["target_idx"]]
+            d_loss = 0.5 * (((self.discriminator(real, seq) - 1) ** 2).mean() + (self.discriminator(fake, seq) ** 2).mean())
+            d_loss.backward()
+            self.d_optimizer.step()
+        return value
+
+    def extra_state(self) -> Dict[str, Any]:
+        if getattr(self, "discriminator", None) is None:
+            return {}
+        return {"discriminator": self.discriminator.state_dict(), "d_optimizer": self.d_optimizer.state_dict()}
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        if getattr(self, "discriminator", None) is not None and "discriminator" in state:
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.d_optimizer.load_state_dict(state["d_optimizer"])
+
+    # ----- synthesis ------------------------------------------------------------------------------------------
+    def synthesize_slices(self, sources: Dict[int, torch.Tensor], target: int) -> torch.Tensor:
+        net = self.network
+        any_src = next(iter(sources.values()))
+        tgt = torch.full((any_src.shape[0],), int(target), dtype=torch.long, device=any_src.device)
+        if self.fusion == "latent":
+            feats = torch.stack([net.encode(x) for x in sources.values()]).mean(0)
+            return net.decode(feats, tgt, output_size=any_src.shape[2:])
+        return torch.stack([net(x, tgt) for x in sources.values()]).mean(0)
+
+    def full_volume_method(self) -> str:
+        return f"{super().full_volume_method()}, sources averaged in {self.fusion} space"

@@ -1,0 +1,119 @@
+"""Availability-aware sampling, patch geometry and the augmentation contract (spatial on both, intensity on input)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_training_engine import make_preprocessed, tiny_plans
+from nnsynth.training.dataloading import (BiasFieldTransform, CaseStore, SynthesisSampler, build_augmentation,
+                                          fixed_validation_batches, read_box)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dl")
+    # case 0 lacks T1Gd and Flair, case 1 has T2 only, the rest are complete
+    pre = make_preprocessed(root, n_cases=3, availability={0: (True, False, True, False), 1: (False, False, True, False)})
+    return CaseStore(pre / "nnsynthPlans_2d", ["case_000", "case_001", "case_002"])
+
+
+def test_never_samples_a_missing_sequence(store):
+    sampler = SynthesisSampler(store, store.names, [32, 32], 2, 3, batch_size=8, seed=1)
+    seen = {name: set() for name in store.names}
+    for _ in range(40):
+        b = sampler.next_batch()
+        for case, s, t in zip(b["cases"], b["source_idx"].tolist(), b["target_idx"].tolist()):
+            seen[case].update({("s", s), ("t", t)})
+            assert s in store.cases[case].available and t in store.cases[case].available
+    assert seen["case_001"] == {("s", 2), ("t", 2)}  # a single sequence: self-reconstruction only
+    assert {v for k, v in seen["case_000"] if k == "s"} == {0, 2}
+    # i = j and i != j both occur on complete cases (all ordered pairs, identity included)
+    sampler2 = SynthesisSampler(store, ["case_002"], [32, 32], 2, 3, batch_size=16, seed=2)
+    b = sampler2.next_batch()
+    assert (b["source_idx"] == b["target_idx"]).any() and (b["source_idx"] != b["target_idx"]).any()
+
+
+def test_shapes_padding_and_target_values(store):
+    # patch larger than the image in-plane (32 -> 40): zero padded; mask is 0 in the padding
+    s = SynthesisSampler(store, ["case_002"], [40, 40], 2, 3, batch_size=2, seed=0)
+    b = s.next_batch()
+    assert b["source"].shape == (2, 3, 40, 40) and b["target"].shape == (2, 3, 40, 40) and b["mask"].shape == (2, 3, 40, 40)
+    assert float(b["mask"][:, :, :4].sum()) == 0 and float(b["source"][:, :, :4].abs().sum()) == 0
+    # without augmentation the target is exactly the stored target slices
+    info = store.cases["case_002"]
+    smp = s.sample("case_002", 0, 3, (8, 16, 16))
+    full = np.asarray(info.data[3])
+    np.testing.assert_array_equal(smp["target"][:, 4:36, 4:36], full[7:10])
+    # edge slice: adjacent slices are clamped to the volume
+    smp = s.sample("case_002", 0, 0, (0, 16, 16))
+    np.testing.assert_array_equal(smp["source"][0], smp["source"][1])
+    s3 = SynthesisSampler(store, ["case_002"], [8, 24, 24], 3, 1, batch_size=2, seed=0)
+    b3 = s3.next_batch()
+    assert b3["source"].shape == (2, 1, 8, 24, 24) and b3["mask"].shape == (2, 1, 8, 24, 24)
+
+
+def test_sampler_is_reproducible_and_checkpointable(store):
+    a = SynthesisSampler(store, store.names, [32, 32], 2, 3, batch_size=2, seed=5)
+    a.next_batch()
+    state = a.state_dict()
+    x1 = a.next_batch()
+    a.load_state_dict(state)
+    x2 = a.next_batch()
+    assert torch.equal(x1["source"], x2["source"]) and x1["cases"] == x2["cases"]
+    v1 = fixed_validation_batches(store, store.names, [32, 32], 2, 3, 2, 2, seed=3)
+    v2 = fixed_validation_batches(store, store.names, [32, 32], 2, 3, 2, 2, seed=3)
+    assert all(torch.equal(p["target"], q["target"]) for p, q in zip(v1, v2))
+    assert all(float(m["mask"].mean()) > 0 for m in v1)  # brain-centred
+
+
+def test_foreground_bias(store):
+    s = SynthesisSampler(store, ["case_002"], [8, 8], 2, 3, batch_size=64, seed=0, oversample_foreground=1.0)
+    b = s.next_batch()
+    assert float(b["mask"][:, 1, 4, 4].mean()) == 1.0  # every centre voxel is brain
+
+
+def test_bias_field_multiplicative_smooth_positive_image_only():
+    torch.manual_seed(0)
+    img = torch.rand(3, 48, 48) + 0.5
+    img[:, :4] = 0
+    tgt = torch.rand(3, 48, 48)
+    t = BiasFieldTransform(scale=0.3, order=3)
+    out = t(image=img.clone(), regression_target=tgt.clone())
+    assert torch.equal(out["regression_target"], tgt)            # target untouched
+    field = out["image"][:, 4:] / img[:, 4:]
+    assert float(field.min()) > 0                                  # positive
+    assert torch.allclose(field[0], field[1]) and torch.allclose(field[0], field[2])  # one field for all channels
+    assert float(out["image"][:, :4].abs().max()) == 0             # multiplicative: zero stays zero
+    assert not torch.allclose(field, torch.ones_like(field))       # it did something
+    second_diff = (field[0, 2:] - 2 * field[0, 1:-1] + field[0, :-2]).abs().max()
+    assert float(second_diff) < 0.01                               # smooth (low-order)
+    out3 = t(image=torch.ones(1, 8, 16, 16))                       # 3D too
+    assert out3["image"].shape == (1, 8, 16, 16) and float(out3["image"].min()) > 0
+
+
+def test_augmentation_spatial_on_both_intensity_on_image_only():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    img = torch.rand(3, 40, 40)
+    aug = build_augmentation([32, 32], 2, {"p_rotation": 0, "p_scaling": 0, "mirror_axes": [], "p_gamma": 1.0,
+                                           "p_brightness": 1.0, "p_noise": 1.0, "p_bias_field": 1.0})
+    out = aug(image=img.clone(), regression_target=img.clone(), segmentation=torch.ones(3, 40, 40, dtype=torch.int16))
+    assert out["image"].shape == (3, 32, 32)
+    assert torch.equal(out["regression_target"], img[:, 4:36, 4:36])   # only cropped: intensity left it alone
+    assert not torch.allclose(out["image"], out["regression_target"])
+    aug = build_augmentation([32, 32], 2, {"p_rotation": 1.0, "p_scaling": 1.0, "mirror_axes": [1], "p_gamma": 0,
+                                           "p_brightness": 0, "p_noise": 0, "p_bias_field": 0})
+    out = aug(image=img.clone(), regression_target=img.clone(), segmentation=torch.ones(3, 40, 40, dtype=torch.int16))
+    assert torch.allclose(out["image"], out["regression_target"])       # same spatial transform on both
+    assert not torch.allclose(out["image"], img[:, 4:36, 4:36])
+
+
+def test_read_box_pads_with_fill():
+    arr = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    box = read_box(arr, 1, [-1, 0, 3], [3, 2, 4], fill=-1)
+    assert box.shape == (3, 2, 4)
+    assert (box[0] == -1).all() and (box[:, :, 2:] == -1).all()
+    np.testing.assert_array_equal(box[1:, :, :2], arr[1, 0:2, 0:2, 3:5])
