@@ -29,11 +29,3 @@ def test_help_exits_zero(name, module, func, capsys):
         cli(["-h"])
     assert exc.value.code == 0
     assert "usage" in capsys.readouterr().out.lower()
-
-
-@pytest.mark.parametrize("module", ["nnsynth.cli.predict", "nnsynth.cli.evaluate", "nnsynth.cli.analyze"])
-def test_planned_commands_exit_2_with_message(module, caplog):
-    cli = importlib.import_module(module).cli
-    if "not built yet" not in (importlib.import_module(module).__doc__ or ""):
-        pytest.skip("command is implemented")
-    assert cli([]) == 2

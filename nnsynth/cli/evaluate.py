@@ -1,13 +1,56 @@
-"""`nnsynth_evaluate`: not built yet; exits 2 with a clear message until its issue lands."""
+"""``nnsynth_evaluate -r REF -p PRED``: metrics of synthesised images against their truth."""
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import List, Optional
 
-from nnsynth.cli.common import not_available
+from nnsynth.cli.common import run_cli
+
+logger = logging.getLogger("nnsynth")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nnsynth.evaluation.evaluate import DEFAULT_PROFILE, PROFILES
+    p = argparse.ArgumentParser(
+        prog="nnsynth_evaluate",
+        description="Compare predictions PRED/{case}_{XXXX}{ending} with REF/{case}_{XXXX}{ending}: PSNR, SSIM, MAE "
+                    "(CONTRACT.md section 5) and LPIPS when its weights are on this machine. Writes a per-case CSV "
+                    "and summary.json (mean and std per sources -> target task).")
+    p.add_argument("-r", "--reference", required=True, help="folder of the true images")
+    p.add_argument("-p", "--prediction", required=True, help="folder of the predictions (nnsynth_predict -o)")
+    p.add_argument("-d", "--dataset", default=None, help="dataset id or name (sequence names; optional)")
+    p.add_argument("-o", "--output", default=None,
+                   help="per-case CSV (default PRED/metrics.csv); summary.json is written beside it")
+    p.add_argument("-l", "--labels", default=None,
+                   help="label folder ({case}{ending}): adds metrics inside the tumour (label > 0) and outside it")
+    p.add_argument("--profile", default=DEFAULT_PROFILE, choices=list(PROFILES),
+                   help="metric convention: contract (CONTRACT.md section 5, default), seq2seq, codebrain, brasyn")
+    p.add_argument("--sources-from", default=None,
+                   help="the prediction input folder, to name the sources of each case when PRED has no "
+                        "nnsynth_predictions.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from nnsynth.evaluation.evaluate import evaluate_folders
+    df, summary = evaluate_folders(args.reference, args.prediction, args.dataset, args.labels, args.profile,
+                                   args.output, args.sources_from, progress=not args.no_progress)
+    for task, s in summary["tasks"].items():
+        logger.info("%-28s n=%-3d %s", task, s["n"], "  ".join(
+            f"{k} {v:.4g}" for k, v in s["mean"].items() if v is not None and "_" not in k))
+    if summary["problems"]:
+        for f, why in summary["problems"].items():
+            logger.error("%s: %s", f, why)
+        logger.error("%d prediction(s) could not be evaluated (listed above)", len(summary["problems"]))
+        return 1
+    return 0
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="nnsynth_evaluate", description="Not available yet in this version of nnsynth.")
-    parser.parse_args(argv)
-    return not_available("nnsynth_evaluate", "issue 7 (evaluation)")
+    return run_cli(main, build_parser(), argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(cli())

@@ -57,7 +57,8 @@ class Geometry:
                 return f"{name} has {b.size} values, expected {a.size}"
             scale = max(float(np.abs(a).max(initial=0.0)), 1.0)
             if not np.allclose(a, b, rtol=0.0, atol=rtol * scale):
-                return f"{name} {tuple(np.round(b, 6))} != {tuple(np.round(a, 6))}"
+                return (f"{name} {tuple(float(x) for x in np.round(b, 6))} != "
+                        f"{tuple(float(x) for x in np.round(a, 6))}")
         return ""
 
 

@@ -135,6 +135,12 @@ class TrainingEngine:
         """The bare network (not the DDP / compiled wrapper): use it for evaluation and state dicts."""
         return self._network
 
+    def load_for_inference(self, state: Dict[str, Any]) -> None:
+        """Build the network and load a checkpoint's weights for inference (no data, no optimizer)."""
+        self._network = self.build_network().to(self.device)
+        self._network.load_state_dict(state["network_weights"])
+        self._network.eval()
+
     def initialize(self) -> None:
         if self.was_initialized:
             return
