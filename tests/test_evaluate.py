@@ -146,3 +146,18 @@ def test_summarize_handles_empty_and_nan():
     assert s["all"]["mean"]["ssim"] == pytest.approx(0.6)
     empty = summarize(df.iloc[:0], ["psnr"])
     assert empty["all"]["n"] == 0 and empty["tasks"] == {}
+
+
+def test_report_markdown_and_montages(tmp_path, no_lpips):
+    ref, pred, inp = _folders(tmp_path)
+    (pred / "orphan_0003.nii.gz").unlink()
+    out = tmp_path / "eval"
+    rc = evaluate_cli.cli(["-r", str(ref), "-p", str(pred), "-o", str(out / "metrics.csv"), "--report",
+                           "--sources-from", str(inp), "--no-progress"])
+    assert rc == 0
+    text = (out / "report.md").read_text()
+    assert "## Mean (std) per task" in text and "T1+T2 -> Flair" in text
+    pngs = sorted((out / "report_montages").glob("*.png"))
+    assert len(pngs) == 5 and all(p.stat().st_size > 1000 for p in pngs)
+    for p in pngs:
+        assert f"report_montages/{p.name}" in text

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sources-from", default=None,
                    help="the prediction input folder, to name the sources of each case when PRED has no "
                         "nnsynth_predictions.json")
+    p.add_argument("--report", action="store_true",
+                   help="also write report.md with the metrics tables and PNG montages (inputs from --sources-from)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -37,6 +39,12 @@ def main(args: argparse.Namespace) -> int:
     from nnsynth.evaluation.evaluate import evaluate_folders
     df, summary = evaluate_folders(args.reference, args.prediction, args.dataset, args.labels, args.profile,
                                    args.output, args.sources_from, progress=not args.no_progress)
+    if args.report:
+        from pathlib import Path
+
+        from nnsynth.evaluation.report import write_report
+        out_dir = Path(args.output).parent if args.output else Path(args.prediction)
+        write_report(df, summary, args.reference, args.prediction, out_dir, args.sources_from)
     for task, s in summary["tasks"].items():
         logger.info("%-28s n=%-3d %s", task, s["n"], "  ".join(
             f"{k} {v:.4g}" for k, v in s["mean"].items() if v is not None and "_" not in k))
