@@ -12,7 +12,8 @@ matplotlib.use("Agg")
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: longer end-to-end tests (still run in CI)")
     import torch
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # tiny test networks run fastest single-threaded, and the suite often shares its cores (CI, DDP tests)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

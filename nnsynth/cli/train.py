@@ -62,7 +62,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         trainer_cls = get_trainer(args.trainer, args.trainer_class)
     except TrainerNotAvailableError as e:
-        logger.error("Trainer %r: %s (planned in a later version). Available now: seq2seq.", args.trainer, e)
+        logger.error("Trainer %r: %s (planned in a later version).", args.trainer, e)
         return EXIT_NOT_AVAILABLE
     dataset_name = paths.resolve_dataset_name(args.dataset)
     pre = paths.preprocessed_folder() / dataset_name
@@ -75,6 +75,7 @@ def _main(args: argparse.Namespace) -> int:
     kwargs = dict(plans=plans, configuration=args.configuration, fold=args.fold, preprocessed_dataset_folder=pre,
                   output_folder=output, device=device, num_epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
                   max_minutes=args.max_minutes, seed=args.seed, num_workers=args.num_workers)
+    kwargs.update(_trainer_specific_kwargs(trainer_cls, args))
     if args.num_gpus > 1:
         if device.type == "cuda" and torch.cuda.device_count() < args.num_gpus:
             raise NnsynthError(f"--num-gpus {args.num_gpus} but only {torch.cuda.device_count()} GPU(s) are visible")
@@ -90,6 +91,29 @@ def _main(args: argparse.Namespace) -> int:
         return _validate_only(trainer)
     trainer.run_training(continue_training=args.c)
     return 0
+
+
+# options that only some trainers take: CLI flag -> keyword argument of the trainer's __init__
+TRAINER_SPECIFIC_OPTIONS = {"--stage": "stage", "--pretrained-from": "pretrained_from"}
+
+
+def _trainer_specific_kwargs(trainer_cls: type, args: argparse.Namespace) -> Dict[str, Any]:
+    """Pass trainer-specific options only to trainers whose constructor takes them; refuse them elsewhere."""
+    import inspect
+    accepted = set()
+    for klass in trainer_cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            accepted |= set(inspect.signature(init).parameters)
+    out: Dict[str, Any] = {}
+    for flag, key in TRAINER_SPECIFIC_OPTIONS.items():
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if key not in accepted:
+            raise NnsynthError(f"{flag} does not apply to trainer {args.trainer!r}")
+        out[key] = value
+    return out
 
 
 def _validate_only(trainer) -> int:
@@ -132,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="background data-loading processes (default: the plans' value; 0 = in-process)")
+    p.add_argument("--stage", type=int, choices=[1, 2], default=None,
+                   help="codebrain: run only stage 1 or stage 2 (default: both, in order)")
+    p.add_argument("--pretrained-from", default=None, metavar="TRAINER",
+                   help="tsf_seq2seq: start from this trained model of the same dataset, fold and configuration "
+                        "(seq2seq or vq_seq2seq)")
     p.add_argument("--trainer-class", default=None, metavar="MODULE:CLASS",
                    help="train with this TrainingEngine subclass; TRAINER is then only the name of the output folder")
     return p
