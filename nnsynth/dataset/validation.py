@@ -16,14 +16,11 @@ Problems (the dataset cannot be used as is) versus warnings (it can, with a limi
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import itertools
 import json
 import logging
 import multiprocessing
 import os
-import struct
-import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -34,7 +31,7 @@ import pandas as pd
 from nnsynth.constants import DATASET_JSON, SUPPORTED_FILE_ENDINGS
 from nnsynth.dataset.cases import Case, availability_table, discover_cases
 from nnsynth.dataset.dataset_json import DatasetSpec, parse_dataset_json_dict
-from nnsynth.dataset.integrity import check_file_integrity, scan_file
+from nnsynth.dataset.integrity import scan_file
 from nnsynth.dataset.io import Geometry, read_header, read_image
 from nnsynth.exceptions import DatasetFormatError
 

@@ -228,8 +228,10 @@ class SynthesisSampler:
             return tuple(int(v) for v in info.foreground[self.rng.integers(len(info.foreground))])
         return tuple(int(self.rng.integers(s)) for s in info.shape)
 
-    def sample(self, case: str, source: int, target: int, center: Sequence[int]) -> Dict[str, np.ndarray]:
-        """One un-augmented sample: source/target ``(k, y, x)`` (2D) or ``(1, z, y, x)`` (3D) and its mask."""
+    def read_channels(self, case: str, channels: Sequence[int], center: Sequence[int]
+                      ) -> Tuple[List[np.ndarray], np.ndarray]:
+        """Read ``channels`` of a case around ``center``: ``(k, y, x)`` stacks (2D) or ``(z, y, x)`` patches (3D)
+        (with a margin for spatial augmentation), plus the brain mask of the same box (no channel axis)."""
         info = self.store.cases[case]
         z, y, x = center
         scale = SPATIAL_READ_MARGIN if self.transform is not None else 1.0
@@ -240,15 +242,20 @@ class SynthesisSampler:
             z0, z1 = int(zs.min()), int(zs.max()) + 1
             lo, size = [z0] + lo_inplane, [z1 - z0] + size_inplane
             idx = zs - z0
-            src = read_box(info.data, source, lo, size)[idx]
-            tgt = read_box(info.data, target, lo, size)[idx]
+            arrays = [read_box(info.data, c, lo, size)[idx] for c in channels]
             mask = read_box(info.seg, 0, lo, size, fill=-1)[idx] >= 0
         else:
             pz = int(math.ceil(self.patch_size[0] * scale))
             lo, size = [_box_start(z, pz, info.shape[0])] + lo_inplane, [pz] + size_inplane
-            src = read_box(info.data, source, lo, size)[None]
-            tgt = read_box(info.data, target, lo, size)[None]
-            mask = (read_box(info.seg, 0, lo, size, fill=-1) >= 0)[None]
+            arrays = [read_box(info.data, c, lo, size) for c in channels]
+            mask = read_box(info.seg, 0, lo, size, fill=-1) >= 0
+        return arrays, mask
+
+    def sample(self, case: str, source: int, target: int, center: Sequence[int]) -> Dict[str, np.ndarray]:
+        """One un-augmented sample: source/target ``(k, y, x)`` (2D) or ``(1, z, y, x)`` (3D) and its mask."""
+        (src, tgt), mask = self.read_channels(case, (source, target), center)
+        if self.spatial_dims == 3:
+            src, tgt, mask = src[None], tgt[None], mask[None]
         return {"source": src, "target": tgt, "mask": mask.astype(np.float32)}
 
     def draw(self) -> Tuple[str, int, int, Tuple[int, int, int]]:

@@ -34,8 +34,7 @@ from nnsynth.exceptions import NnsynthError
 from nnsynth.losses.codebrain import (SequencePatchDiscriminator, grading_loss, lsgan_discriminator_loss,
                                       lsgan_generator_loss, weighted_psnr_loss)
 from nnsynth.training import checkpointing as ckpt
-from nnsynth.training.dataloading import (SPATIAL_READ_MARGIN, SynthesisSampler, _box_start, build_augmentation,
-                                          make_training_iterator, read_box)
+from nnsynth.training.dataloading import SynthesisSampler, build_augmentation, make_training_iterator
 from nnsynth.training.engine import FULL_VOLUME_SLICE_BATCH, TrainingEngine
 from nnsynth.utils.files import save_json
 
@@ -93,24 +92,10 @@ class StackSampler(SynthesisSampler):
         return case, available, keep, self._center(info)
 
     def sample_stack(self, case: str, center: Sequence[int]) -> Dict[str, np.ndarray]:
-        info = self.store.cases[case]
-        z, y, x = center
-        scale = SPATIAL_READ_MARGIN if self.transform is not None else 1.0
-        size_inplane = [int(math.ceil(p * scale)) for p in self.patch_size[-2:]]
-        lo_inplane = [_box_start(c, s, n) for c, s, n in zip((y, x), size_inplane, info.shape[1:])]
+        arrays, mask = self.read_channels(case, range(self.num_sequences), center)
         if self.spatial_dims == 2:
-            zs = np.clip(np.arange(z - self.k // 2, z - self.k // 2 + self.k), 0, info.shape[0] - 1)
-            z0, z1 = int(zs.min()), int(zs.max()) + 1
-            lo, size = [z0] + lo_inplane, [z1 - z0] + size_inplane
-            idx = zs - z0
-            stack = np.concatenate([read_box(info.data, c, lo, size)[idx] for c in range(self.num_sequences)])
-            mask = read_box(info.seg, 0, lo, size, fill=-1)[idx] >= 0
-        else:
-            pz = int(math.ceil(self.patch_size[0] * scale))
-            lo, size = [_box_start(z, pz, info.shape[0])] + lo_inplane, [pz] + size_inplane
-            stack = np.stack([read_box(info.data, c, lo, size) for c in range(self.num_sequences)])
-            mask = (read_box(info.seg, 0, lo, size, fill=-1) >= 0)[None]
-        return {"image": stack, "mask": mask.astype(np.float32)}
+            return {"image": np.concatenate(arrays), "mask": mask.astype(np.float32)}
+        return {"image": np.stack(arrays), "mask": mask[None].astype(np.float32)}
 
     def _finish_stack(self, s: Dict[str, np.ndarray], available: np.ndarray) -> Dict[str, torch.Tensor]:
         img, mask = (torch.from_numpy(np.ascontiguousarray(s[k])) for k in ("image", "mask"))
