@@ -30,7 +30,7 @@ from nnsynth.training import distributed as dist_utils
 from nnsynth.training.dataloading import (CaseStore, SynthesisSampler, build_augmentation, fixed_validation_batches,
                                           make_training_iterator)
 from nnsynth.training.progress import plot_progress, save_preview
-from nnsynth.training.schedules import WarmupSchedule
+from nnsynth.training.schedules import WARMUP_MAX_FRACTION, WarmupSchedule
 from nnsynth.training.splits import fold_cases, parse_fold
 from nnsynth.utils.files import save_json
 
@@ -42,7 +42,6 @@ TRAINING_DEFAULTS: Dict[str, Any] = {
     "warmup_iters": 100, "num_epochs": 1000, "iters_per_epoch": 250, "val_iters": 10, "grad_clip": 12.0,
     "amp": True, "compile": False, "num_workers": 0, "fit_schedule_to_time_budget": True,
 }
-WARMUP_MAX_FRACTION = 0.1     # warm-up never takes more than this share of all iterations (short runs)
 VALIDATION_SEED = 4242         # the fixed validation patches are drawn from this seed, the same every epoch
 PREVIEW_EVERY_EPOCHS = 5       # validation preview PNGs in the fold folder every this many epochs
 PREVIEW_ROWS = 4
@@ -289,7 +288,10 @@ class TrainingEngine:
             return
         spent = time.time() - self._run_start
         per_epoch = spent / max(1, len(self.logs["epoch_time"]) - self._epochs_before_run)
-        fit = self.epoch + int((60.0 * float(self.max_minutes) - spent) / max(per_epoch, 1e-6))
+        remaining = 60.0 * float(self.max_minutes) - spent
+        # ceil: a started epoch that the budget cuts short still trains (it stops at the time check), so one
+        # slow first epoch never ends a run that has minutes left
+        fit = self.epoch + (int(math.ceil(remaining / max(per_epoch, 1e-6))) if remaining > 0 else 0)
         fit = dist_utils.broadcast_object(fit)
         if fit < self.num_epochs:
             self.num_epochs = max(self.epoch, fit)

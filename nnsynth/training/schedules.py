@@ -13,6 +13,7 @@ import torch
 from nnsynth.exceptions import PlansError
 
 POLY_EXPONENT = 0.9          # nnU-Net's poly exponent
+WARMUP_MAX_FRACTION = 0.1    # warm-up never takes more than this share of all iterations (short runs)
 
 
 def lr_factor(iteration: int, total: int, warmup: int, schedule: str, exponent: float = POLY_EXPONENT,
@@ -57,7 +58,9 @@ class WarmupSchedule:
         self._apply()
 
     def set_total(self, total_iters: int) -> None:
+        """Shrink or grow the schedule; warm-up keeps at most the same share of it as at the start."""
         self.total_iters = int(total_iters)
+        self.warmup_iters = min(self.warmup_iters, max(1, int(WARMUP_MAX_FRACTION * self.total_iters)))
         self._apply()
 
     def state_dict(self) -> Dict[str, object]:
