@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The README's main job, on the built-in demo dataset, on CPU:
 #   install nnsynth into .venv -> generate the demo dataset -> verify it -> plan and preprocess ->
-#   train vq_seq2seq (fold 0, NNSYNTH_DEMO_MINUTES of training, default 8) -> predict Flair for the
+#   train vq_seq2seq (fold 0, NNSYNTH_DEMO_MINUTES of training, default 6) -> predict Flair for the
 #   held-out test cases from their other sequences -> evaluate against the truth -> Markdown report.
 # Data goes to ./nnsynth_data unless nnSynth_raw / nnSynth_preprocessed / nnSynth_results are set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .ci/venv.sh
-MINUTES="${NNSYNTH_DEMO_MINUTES:-8}"
+MINUTES="${NNSYNTH_DEMO_MINUTES:-6}"
 TRAINER="${NNSYNTH_DEMO_TRAINER:-vq_seq2seq}"
 export nnSynth_raw="${nnSynth_raw:-$PWD/nnsynth_data/raw}"
 export nnSynth_preprocessed="${nnSynth_preprocessed:-$PWD/nnsynth_data/preprocessed}"

@@ -34,6 +34,7 @@ from nnsynth.dataset.dataset_json import DatasetSpec, parse_dataset_json_dict
 from nnsynth.dataset.integrity import scan_file
 from nnsynth.dataset.io import Geometry, read_header, read_image
 from nnsynth.exceptions import DatasetFormatError
+from nnsynth.utils.log import progress_disabled
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -174,7 +175,7 @@ def _progress(total: int):
     try:
         from tqdm import tqdm
         # disable=None: only shown on a terminal, so logs and tests stay clean
-        return tqdm(total=total, desc="Checking images", unit="file", disable=None, leave=False)
+        return tqdm(total=total, desc="Checking images", unit="file", disable=progress_disabled(), leave=False)
     except ImportError:  # pragma: no cover - tqdm is a dependency, but validation should not need it
         class _NoProgress:
             def update(self, n: int) -> None:

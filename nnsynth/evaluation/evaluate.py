@@ -27,6 +27,7 @@ from nnsynth.dataset.io import read_image
 from nnsynth.evaluation import metrics as M
 from nnsynth.exceptions import NnsynthError
 from nnsynth.utils.files import atomic_path, load_json, save_json
+from nnsynth.utils.log import progress_disabled
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -293,7 +294,7 @@ def evaluate_folders(reference_folder: PathLike, prediction_folder: PathLike,
     problems: Dict[str, str] = {}
     from tqdm import tqdm
     for fname, (case, cid, path) in tqdm(sorted(preds.items()), desc="evaluate", unit="image",
-                                         disable=not progress or bool(os.environ.get("NNSYNTH_NO_TQDM"))):
+                                         disable=progress_disabled(progress)):
         target = _seq_name(cid, names)
         if fname not in refs:
             problems[fname] = f"no reference {ref_folder / fname}"

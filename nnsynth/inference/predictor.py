@@ -40,6 +40,7 @@ from nnsynth.exceptions import DatasetFormatError, NnsynthError
 from nnsynth.inference.sliding_window import (DEFAULT_STEP_SIZE, PREDICTION_KEY, sliding_window_predict,
                                               with_mirroring)
 from nnsynth.utils.files import load_json, save_json
+from nnsynth.utils.log import progress_disabled
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -596,8 +597,7 @@ def predict_folder(predictor: Predictor, input_folder: PathLike, output_folder: 
             save_json({"case": n}, out / MAPS_FOLDER / f".{n}.done")
 
     from tqdm import tqdm
-    bar = tqdm(total=len(todo), desc="cases", unit="case", disable=not predictor.progress or
-               bool(os.environ.get("NNSYNTH_NO_TQDM")))
+    bar = tqdm(total=len(todo), desc="cases", unit="case", disable=progress_disabled(predictor.progress))
     pool = futures.ThreadPoolExecutor(max_workers=num_workers) if num_workers > 0 else None
     pending_writes: List[Tuple[str, futures.Future]] = []
     try:

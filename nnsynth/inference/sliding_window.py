@@ -19,11 +19,11 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from nnsynth.utils.log import progress_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def with_mirroring(fn: PredictFn, spatial_dims: int) -> PredictFn:
 
 def _progress(total: int, desc: Optional[str]) -> "object":
     from tqdm import tqdm
-    disable = desc is None or bool(os.environ.get("NNSYNTH_NO_TQDM"))
+    disable = progress_disabled(desc is not None)
     return tqdm(total=total, desc=desc, leave=False, disable=disable, mininterval=1.0, unit="win")
 
 

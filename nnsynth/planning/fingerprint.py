@@ -26,6 +26,7 @@ from nnsynth.dataset.cases import Case, discover_cases
 from nnsynth.dataset.dataset_json import DatasetSpec, load_dataset_spec
 from nnsynth.dataset.io import Geometry, read_image
 from nnsynth.exceptions import DatasetFormatError
+from nnsynth.utils.log import progress_disabled
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -241,7 +242,7 @@ def default_num_workers() -> int:
 def _map(fn, tasks: List[Any], num_workers: int, desc: str, progress: bool) -> List[Any]:
     """Run ``fn`` over ``tasks`` in order, in-process (0) or in ``num_workers`` spawned processes."""
     from tqdm import tqdm
-    bar = tqdm(total=len(tasks), desc=desc, disable=not progress, leave=False, unit="case")
+    bar = tqdm(total=len(tasks), desc=desc, disable=progress_disabled(progress), leave=False, unit="case")
     out = []
     try:
         if num_workers <= 0 or len(tasks) <= 1:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from nnsynth.training.progress import plot_progress, save_preview
 from nnsynth.training.schedules import WARMUP_MAX_FRACTION, WarmupSchedule
 from nnsynth.training.splits import fold_cases, parse_fold
 from nnsynth.utils.files import save_json
+from nnsynth.utils.log import progress_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class TrainingEngine:
         self.train_network.train()
         self._epoch_start = time.time()
         bar = tqdm(range(self.iteration_in_epoch, self.iters_per_epoch), desc=f"epoch {self.epoch}", leave=False,
-                   disable=not self.is_main or bool(os.environ.get("NNSYNTH_NO_TQDM")), mininterval=1.0)
+                   disable=progress_disabled(self.is_main), mininterval=1.0)
         for it in bar:
             if not self._time_left() and self.world_size == 1:
                 return False

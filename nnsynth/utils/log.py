@@ -37,3 +37,12 @@ def setup_logging(verbose: bool = False) -> None:
         _CONFIGURED = True
     for h in logger.handlers:
         h.setLevel(level)
+
+
+def progress_disabled(requested: bool = True) -> bool:
+    """Whether to hide a tqdm bar: when not requested, when ``NNSYNTH_NO_TQDM`` is set, or when stderr is not a
+    terminal (a log file or CI would otherwise fill with carriage-return updates; log lines still report)."""
+    if not requested or os.environ.get("NNSYNTH_NO_TQDM"):
+        return True
+    isatty = getattr(sys.stderr, "isatty", None)
+    return not (callable(isatty) and isatty())

@@ -33,6 +33,7 @@ from nnsynth.dataset.io import Geometry, write_image
 from nnsynth.exceptions import NnsynthError
 from nnsynth.paths import dataset_name_from_folder, make_dataset_name, raw_folder
 from nnsynth.utils.files import save_json
+from nnsynth.utils.log import progress_disabled
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -472,7 +473,7 @@ def make_demo_dataset(output_folder: Optional[PathLike] = None, dataset: Union[i
     montage_from_test = config.num_test_cases > 0
     try:
         from tqdm import tqdm
-        for i in tqdm(range(total), desc="demo cases", unit="case", disable=not progress):
+        for i in tqdm(range(total), desc="demo cases", unit="case", disable=progress_disabled(progress)):
             train = i < config.num_cases
             present = availability[i] if train else config.sequences
             case = gen.simulate(i, present)

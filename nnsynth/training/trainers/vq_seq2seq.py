@@ -292,7 +292,7 @@ class VQSeq2SeqTrainer(TrainingEngine):
         images, avail, mask = batch["images"], batch["available"].bool(), batch["mask"]
         size = images.shape[3:]
         b_idx, s_idx = avail.nonzero(as_tuple=True)
-        owners, seqs = b_idx.tolist(), s_idx.tolist()
+        owners = b_idx.tolist()
         avail_lists = [avail[b].nonzero(as_tuple=True)[0].tolist() for b in range(images.shape[0])]
         x = images[b_idx, s_idx]
         x_in = x
