@@ -95,7 +95,9 @@ def _build_lpips(net: str):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")    # torchvision's deprecation of pretrained=False inside lpips
-        return lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
+        # lpips' default loads its linear heads from files inside the wheel; pnet_rand keeps torchvision from
+        # fetching the trunk (its weights are loaded from a local file afterwards, or the loss is off)
+        return lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
 
 
 def _load_trunk(model: nn.Module, net: str, path: Path) -> None:

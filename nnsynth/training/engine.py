@@ -125,6 +125,10 @@ class TrainingEngine:
     def load_extra_state(self, state: Dict[str, Any]) -> None:
         pass
 
+    def progress_panels(self) -> List[Tuple[str, str, Optional[str], Optional[str]]]:
+        """Extra progress.png panels: (log key, label, twin-axis log key or None, its label or None)."""
+        return []
+
     def on_epoch_end(self, epoch: int) -> None:
         """Called after every completed epoch (checkpoints already written)."""
 
@@ -272,7 +276,7 @@ class TrainingEngine:
                     self.num_epochs, train_loss, metrics["psnr"], metrics["ssim"], self.logs["lr"][-1], epoch_time)
         self._fit_schedule_to_time_budget()
         if self.is_main:
-            plot_progress(self.logs, self.fold_folder / "progress.png")
+            plot_progress(self.logs, self.fold_folder / "progress.png", self.progress_panels())
             if (self.epoch - 1) % PREVIEW_EVERY_EPOCHS == 0 or self.epoch == self.num_epochs:
                 self.save_previews(self.fold_folder / f"preview_epoch_{self.epoch:04d}.png")
             self.save_checkpoint(self.fold_folder / ckpt.CHECKPOINT_LATEST)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -22,33 +22,37 @@ def _pyplot():
     return plt
 
 
-def plot_progress(logs: Dict[str, List[float]], path: Union[str, Path]) -> None:
-    """Three panels over epochs: losses (+ val PSNR on a twin axis), SSIM, learning rate and epoch time."""
+# an extra progress panel: (left log key, left label, right log key or None, right label or None)
+Panel = Tuple[str, str, Optional[str], Optional[str]]
+
+
+def _panel(ax, logs: Dict[str, List[float]], left: str, left_label: str, right: Optional[str],
+           right_label: Optional[str], colors: Tuple[str, str] = ("b", "r")) -> None:
+    values = logs.get(left, [])
+    ax.plot(np.arange(len(values)), values, color=colors[0], label=left_label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(left_label)
+    ax.legend(loc="upper left")
+    if right is not None:
+        twin = ax.twinx()
+        values = logs.get(right, [])
+        twin.plot(np.arange(len(values)), values, color=colors[1], label=right_label)
+        twin.set_ylabel(right_label or right)
+        twin.legend(loc="upper right")
+
+
+def plot_progress(logs: Dict[str, List[float]], path: Union[str, Path], extra_panels: Sequence[Panel] = ()) -> None:
+    """Panels over epochs: train loss with val PSNR, val SSIM, learning rate with epoch time, then any
+    trainer-specific ``extra_panels`` (e.g. codebook usage and perplexity)."""
     plt = _pyplot()
-    epochs = np.arange(len(logs.get("train_loss", [])))
-    fig, axes = plt.subplots(3, 1, figsize=(10, 11))
-    ax = axes[0]
-    ax.plot(epochs, logs.get("train_loss", []), color="b", label="train loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.legend(loc="upper left")
-    ax2 = ax.twinx()
-    ax2.plot(epochs, logs.get("val_psnr", []), color="g", label="val PSNR (dB)")
-    ax2.set_ylabel("PSNR (dB)")
-    ax2.legend(loc="upper right")
-    axes[1].plot(epochs, logs.get("val_ssim", []), color="g", label="val SSIM")
-    axes[1].set_xlabel("epoch")
-    axes[1].set_ylabel("SSIM")
-    axes[1].legend(loc="lower right")
-    ax = axes[2]
-    ax.plot(epochs, logs.get("lr", []), color="b", label="learning rate")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("learning rate")
-    ax.legend(loc="upper left")
-    ax3 = ax.twinx()
-    ax3.plot(epochs, logs.get("epoch_time", []), color="r", label="epoch time (s)")
-    ax3.set_ylabel("seconds")
-    ax3.legend(loc="upper right")
+    panels: List[Tuple[Panel, Tuple[str, str]]] = [
+        (("train_loss", "train loss", "val_psnr", "val PSNR (dB)"), ("b", "g")),
+        (("val_ssim", "val SSIM", None, None), ("g", "g")),
+        (("lr", "learning rate", "epoch_time", "epoch time (s)"), ("b", "r")),
+    ] + [(tuple(p), ("m", "k")) for p in extra_panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.7 * len(panels)))
+    for ax, (panel, colors) in zip(np.atleast_1d(axes), panels):
+        _panel(ax, logs, *panel, colors=colors)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=80)

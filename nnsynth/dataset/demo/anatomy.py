@@ -180,7 +180,8 @@ def mix_signal(seq: SequenceSpec, fractions: Mapping[str, np.ndarray], tissues: 
             t1 = with_contrast(t1, gd_concentration)
         s = float(signal(seq, t1, tissue.t2, tissue.pd))
         out = frac * np.float32(s) if out is None else out + frac * np.float32(s)
-    assert out is not None
+    if out is None:
+        raise ValueError("no tissue fractions given: cannot synthesise a signal")
     if pd_modulation is not None:
         out = out * pd_modulation
     return out

@@ -27,8 +27,7 @@ Multi-source synthesis decodes the VQC mean of the sources' z_q.
 from __future__ import annotations
 
 import logging
-import math
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,9 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnsynth.exceptions import NnsynthError, PlansError
-from nnsynth.training.dataloading import SynthesisSampler, _box_start, build_augmentation, read_box, SPATIAL_READ_MARGIN
+from nnsynth.training.dataloading import SynthesisSampler, build_augmentation
 from nnsynth.training.engine import TrainingEngine
-from nnsynth.utils.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -82,26 +80,15 @@ class MultiSequenceSampler(SynthesisSampler):
                                f"them (check the dataset's missing sequences)")
 
     def _read_all(self, case: str, center) -> Dict[str, np.ndarray]:
+        """Every sequence of the case around ``center`` (missing ones stay 0), its mask and availability."""
         info = self.store.cases[case]
         n = int(info.data.shape[0])
-        z, y, x = center
-        scale = SPATIAL_READ_MARGIN if self.transform is not None else 1.0
-        size_inplane = [int(math.ceil(p * scale)) for p in self.patch_size[-2:]]
-        lo_inplane = [_box_start(c, s, m) for c, s, m in zip((y, x), size_inplane, info.shape[1:])]
-        if self.spatial_dims == 2:
-            zs = np.clip(np.arange(z - self.k // 2, z - self.k // 2 + self.k), 0, info.shape[0] - 1)
-            z0, z1 = int(zs.min()), int(zs.max()) + 1
-            lo, size, idx = [z0] + lo_inplane, [z1 - z0] + size_inplane, zs - z0
-        else:
-            pz = int(math.ceil(self.patch_size[0] * scale))
-            lo, size, idx = [_box_start(z, pz, info.shape[0])] + lo_inplane, [pz] + size_inplane, None
-        imgs = np.zeros((n,) + ((self.k,) if idx is not None else (1,)) + tuple(size[1:] if idx is not None
-                                                                                else size), np.float32)
-        for s in info.available:
-            box = read_box(info.data, s, lo, size)
-            imgs[s] = box[idx] if idx is not None else box[None]
-        seg = read_box(info.seg, 0, lo, size, fill=-1)
-        mask = (seg[idx] if idx is not None else seg[None]) >= 0
+        arrays, mask = self.read_channels(case, info.available, center)
+        shape = arrays[0].shape if self.spatial_dims == 2 else (1,) + arrays[0].shape
+        imgs = np.zeros((n,) + shape, np.float32)
+        for s, box in zip(info.available, arrays):
+            imgs[s] = box if self.spatial_dims == 2 else box[None]
+        mask = mask if self.spatial_dims == 2 else mask[None]
         avail = np.zeros(n, bool)
         avail[info.available] = True
         return {"images": imgs, "mask": mask.astype(np.float32), "available": avail}
@@ -131,50 +118,6 @@ def latent_mask(mask: torch.Tensor, latent_size) -> torch.Tensor:
     m = mask.amax(1, keepdim=True).float()
     pool = F.adaptive_max_pool2d if m.dim() == 4 else F.adaptive_max_pool3d
     return pool(m, tuple(int(s) for s in latent_size))[:, 0] > 0.5
-
-
-def plot_progress_with_codebook(logs: Dict[str, List[float]], path) -> None:
-    """The engine's progress panels plus a codebook panel (usage fraction and perplexity per epoch)."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    epochs = np.arange(len(logs.get("train_loss", [])))
-    fig, axes = plt.subplots(4, 1, figsize=(10, 14))
-    ax = axes[0]
-    ax.plot(epochs, logs.get("train_loss", []), color="b", label="train loss")
-    ax.set_ylabel("loss")
-    ax.legend(loc="upper left")
-    ax2 = ax.twinx()
-    ax2.plot(epochs, logs.get("val_psnr", []), color="g", label="val PSNR (dB)")
-    ax2.set_ylabel("PSNR (dB)")
-    ax2.legend(loc="upper right")
-    axes[1].plot(epochs, logs.get("val_ssim", []), color="g", label="val SSIM")
-    axes[1].set_ylabel("SSIM")
-    axes[1].legend(loc="lower right")
-    ax = axes[2]
-    ax.plot(epochs, logs.get("lr", []), color="b", label="learning rate")
-    ax.set_ylabel("learning rate")
-    ax.legend(loc="upper left")
-    ax3 = ax.twinx()
-    ax3.plot(epochs, logs.get("epoch_time", []), color="r", label="epoch time (s)")
-    ax3.set_ylabel("seconds")
-    ax3.legend(loc="upper right")
-    ax = axes[3]
-    usage = logs.get("codebook_usage", [])
-    ax.plot(np.arange(len(usage)), usage, color="m", label="codebook usage (fraction of codes)")
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("usage")
-    ax.legend(loc="upper left")
-    ax4 = ax.twinx()
-    perp = logs.get("codebook_perplexity", [])
-    ax4.plot(np.arange(len(perp)), perp, color="k", label="perplexity")
-    ax4.set_ylabel("perplexity")
-    ax4.legend(loc="upper right")
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
 
 
 class VQSeq2SeqTrainer(TrainingEngine):
@@ -373,8 +316,9 @@ class VQSeq2SeqTrainer(TrainingEngine):
         self.network.quantizer.reset_epoch_statistics()
         self._parts_sum, self._parts_n = {}, 0
         super()._end_epoch()
-        if self.is_main:
-            plot_progress_with_codebook(self.logs, self.fold_folder / "progress.png")
+
+    def progress_panels(self) -> List[Tuple[str, str, Optional[str], Optional[str]]]:
+        return [("codebook_usage", "codebook usage (fraction of codes)", "codebook_perplexity", "perplexity")]
 
     # ----- synthesis ----------------------------------------------------------------------------------------
     def synthesize_slices(self, sources: Dict[int, torch.Tensor], target: int) -> torch.Tensor:
@@ -390,4 +334,4 @@ class VQSeq2SeqTrainer(TrainingEngine):
 
 
 __all__ = ["VQSeq2SeqTrainer", "MultiSequenceSampler", "VQ_SEQ2SEQ_LOSS_DEFAULTS", "VQ_SEQ2SEQ_OPTIMIZER_DEFAULTS",
-           "apply_optimizer_defaults", "plot_progress_with_codebook", "latent_mask"]
+           "apply_optimizer_defaults", "latent_mask"]
