@@ -184,7 +184,21 @@ class TrainingEngine:
         self.train_iter = make_training_iterator(self.sampler, int(self.training["num_workers"]))
         self.was_initialized = True
 
+    def build_perceptual_loss(self, weight: float) -> Optional[nn.Module]:
+        """The perceptual (LPIPS-style) loss on the training device, or None when its weight is 0 or no local
+        backbone weights exist (nnsynth never downloads; one log line says the term is off)."""
+        if float(weight) <= 0:
+            return None
+        from nnsynth.losses.perceptual import PerceptualLoss
+        loss = PerceptualLoss()
+        if not loss.available:
+            logger.info("Perceptual loss off: no pretrained backbone weights on this machine")
+            return None
+        return loss.to(self.device).eval()
+
     def build_optimizer(self, params) -> torch.optim.Optimizer:
+        """The plans' optimizer over the trainable parameters (frozen ones, e.g. a pretrained encoder, are left out)."""
+        params = [p for p in params if p.requires_grad]
         name = str(self.training["optimizer"]).lower()
         if name not in ("adamw", "adam"):
             raise PlansError(f"Unsupported optimizer {name!r} in the plans' training settings (use 'adamw' or 'adam')")

@@ -171,9 +171,6 @@ class CodeBrainTrainer(TrainingEngine):
         logger.info("Stage II: stage I loaded from %s and frozen", path)
         return net
 
-    def build_optimizer(self, params) -> torch.optim.Optimizer:
-        return super().build_optimizer([p for p in params if p.requires_grad])
-
     def initialize(self) -> None:
         if self.was_initialized:
             return

@@ -69,15 +69,9 @@ class Seq2SeqTrainer(TrainingEngine):
         if self.was_initialized:
             return
         super().initialize()
-        from nnsynth.losses.perceptual import PerceptualLoss
         from nnsynth.losses.reconstruction import Seq2SeqLoss
         self.recon_loss = Seq2SeqLoss.from_config(self.loss_cfg)
-        if self.recon_loss.lambda_perceptual > 0:
-            perceptual = PerceptualLoss()  # looks for local weights only; logs once when there are none
-            if perceptual.available:
-                self.recon_loss.perceptual = perceptual.to(self.device)
-            else:
-                logger.info("Perceptual loss off: no pretrained backbone weights on this machine (L1 only)")
+        self.recon_loss.perceptual = self.build_perceptual_loss(self.recon_loss.lambda_perceptual)
         self.discriminator = None
         if self.lambda_adv > 0:
             self.discriminator = PatchDiscriminator(self.num_adjacent_slices, len(self.sequences),

@@ -152,9 +152,6 @@ class TSFSeq2SeqTrainer(TrainingEngine):
         net.freeze_encoder()
         self._network = net.to(self.device).eval()
 
-    def build_optimizer(self, params) -> torch.optim.Optimizer:
-        return super().build_optimizer([p for p in params if p.requires_grad])
-
     def initialize(self) -> None:
         if self.was_initialized:
             return
@@ -162,14 +159,7 @@ class TSFSeq2SeqTrainer(TrainingEngine):
         self.sampler = self._tsf_sampler()
         from nnsynth.training.dataloading import make_training_iterator
         self.train_iter = make_training_iterator(self.sampler, int(self.training["num_workers"]))
-        self.perceptual = None
-        if float(self.loss_cfg["lambda_perceptual"]) > 0:
-            from nnsynth.losses.perceptual import PerceptualLoss
-            loss = PerceptualLoss()
-            if loss.available:
-                self.perceptual = loss.to(self.device).eval()
-            else:
-                logger.info("Perceptual loss off: no pretrained backbone weights on this machine (L1 only)")
+        self.perceptual = self.build_perceptual_loss(float(self.loss_cfg["lambda_perceptual"]))
 
     def _tsf_sampler(self) -> MultiSequenceSampler:
         from nnsynth.training.dataloading import build_augmentation

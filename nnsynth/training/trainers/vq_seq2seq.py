@@ -176,14 +176,7 @@ class VQSeq2SeqTrainer(TrainingEngine):
                                                  float(self.loss_cfg["contrastive_keep_fraction"]))
         self.augmenter = DomainAugmenter(len(self.sequences), self.network.code_length,
                                          self.config.get("augmentation"))
-        self.perceptual = None
-        if float(self.loss_cfg["lambda_perceptual"]) > 0:
-            from nnsynth.losses.perceptual import PerceptualLoss
-            loss = PerceptualLoss()
-            if loss.available:
-                self.perceptual = loss.to(self.device).eval()
-            else:
-                logger.info("Perceptual loss off: no pretrained backbone weights on this machine")
+        self.perceptual = self.build_perceptual_loss(float(self.loss_cfg["lambda_perceptual"]))
         logger.info("VQ-Seq2Seq schedule: contrastive from epoch %s, VQC sampling from epoch %s, domain "
                     "augmentation from epoch %s; D=%d, K=%d", self.loss_cfg["contrastive_start_epoch"],
                     self.loss_cfg["vqc_start_epoch"], self.loss_cfg["augmentation_start_epoch"],
