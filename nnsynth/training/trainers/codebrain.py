@@ -340,6 +340,11 @@ class CodeBrainTrainer(TrainingEngine):
     def synthesize_all(self, sources: Dict[int, Tensor]) -> Dict[int, Tensor]:
         """Every sequence not in ``sources`` from one pass: ``{sequence: (B, k, ...)}`` -> ``{missing: (B, k, ...)}``
         (predicted codes of the missing sequences, posterior codes of the given ones, common features)."""
+        out = self._impute_stack(sources)
+        return {t: out[:, t] for t in range(len(self.sequences)) if t not in sources}
+
+    def _impute_stack(self, sources: Dict[int, Tensor]) -> Tensor:
+        """Zero-filled channel stack of ``sources`` with its keep mask through the network: ``(B, N, k, ...)``."""
         any_src = next(iter(sources.values()))
         n = len(self.sequences)
         x = torch.zeros(any_src.shape[0], n, *any_src.shape[1:], device=any_src.device, dtype=any_src.dtype)
@@ -347,20 +352,12 @@ class CodeBrainTrainer(TrainingEngine):
         for s, v in sources.items():
             x[:, int(s)] = v
             keep[:, int(s)] = True
-        out = self.network.impute(x.flatten(1, 2), keep).view(x.shape)
-        return {t: out[:, t] for t in range(n) if t not in sources}
+        return self.network.impute(x.flatten(1, 2), keep).view(x.shape)
 
     def synthesize_slices(self, sources: Dict[int, Tensor], target: int) -> Tensor:
         """Engine / predictor interface: ``{sequence: (B, k, ...)}`` -> target ``(B, k, ...)``."""
         if int(target) in sources:  # self-reconstruction: decode with the target's own posterior code
-            any_src = sources[int(target)]
-            n = len(self.sequences)
-            x = torch.zeros(any_src.shape[0], n, *any_src.shape[1:], device=any_src.device, dtype=any_src.dtype)
-            keep = torch.zeros(any_src.shape[0], n, dtype=torch.bool, device=any_src.device)
-            for s, v in sources.items():
-                x[:, int(s)] = v
-                keep[:, int(s)] = True
-            return self.network.impute(x.flatten(1, 2), keep).view(x.shape)[:, int(target)]
+            return self._impute_stack(sources)[:, int(target)]
         return self.synthesize_all(sources)[int(target)]
 
     def load_for_inference(self, state: Dict[str, Any]) -> None:
