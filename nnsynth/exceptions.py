@@ -28,3 +28,7 @@ class ImageReadError(NnsynthError):
 
 class PlansError(NnsynthError):
     pass
+
+
+class OutputWriteError(NnsynthError):
+    """A file could not be written (read-only folder, disk full, quota): nothing partial is left behind."""

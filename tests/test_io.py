@@ -80,7 +80,8 @@ def test_failing_write_keeps_old_file(folder, monkeypatch):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(sitk, "WriteImage", broken_write)
-    with pytest.raises(RuntimeError):
+    from nnsynth.exceptions import OutputWriteError
+    with pytest.raises(OutputWriteError, match="disk full"):     # a clear user error, not an ITK traceback
         write_image(np.zeros(geom.shape, np.float32), geom, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == ["img.nii.gz"]

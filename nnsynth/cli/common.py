@@ -6,6 +6,7 @@ import logging
 from typing import Callable, List, Optional
 
 from nnsynth.exceptions import NnsynthError
+from nnsynth.utils.files import WRITE_ERRNOS, describe_write_error
 from nnsynth.utils.log import setup_logging
 
 logger = logging.getLogger("nnsynth")
@@ -29,6 +30,12 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
         return int(main(args) or 0)
     except NnsynthError as e:
         logger.error("%s", e)
+        return EXIT_USER_ERROR
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        where = e.filename or "the output"
+        logger.error("%s", describe_write_error(where, e))
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         logger.error("Interrupted. Everything written so far is complete; re-run the command to continue.")

@@ -31,11 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "nnsynth_predictions.json")
     p.add_argument("--report", action="store_true",
                    help="also write report.md with the metrics tables and PNG montages (inputs from --sources-from)")
+    p.add_argument("--seg", action="store_true",
+                   help="evaluate label maps PRED/{case}{ending} against REF/{case}{ending} (e.g. labelsTs): Dice "
+                        "and ASSD (mm) for ET, TC (NCR+ET), WT (all tumour) per case; writes "
+                        "segmentation_metrics.csv (or -o) and segmentation_summary.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.seg:
+        return _evaluate_segmentation(args)
     from nnsynth.evaluation.evaluate import evaluate_folders
     df, summary = evaluate_folders(args.reference, args.prediction, args.dataset, args.labels, args.profile,
                                    args.output, args.sources_from, progress=not args.no_progress)
@@ -52,6 +58,19 @@ def main(args: argparse.Namespace) -> int:
         for f, why in summary["problems"].items():
             logger.error("%s: %s", f, why)
         logger.error("%d prediction(s) could not be evaluated (listed above)", len(summary["problems"]))
+        return 1
+    return 0
+
+
+def _evaluate_segmentation(args: argparse.Namespace) -> int:
+    from nnsynth.evaluation.segmentation import evaluate_segmentation_folders, format_summary
+    _, summary = evaluate_segmentation_folders(args.reference, args.prediction, args.dataset, args.output,
+                                               progress=not args.no_progress)
+    logger.info("%d case(s); regions %s\n%s", summary["all"]["n"], summary["regions"], format_summary(summary))
+    if summary["problems"]:
+        for f, why in summary["problems"].items():
+            logger.error("%s: %s", f, why)
+        logger.error("%d label map(s) could not be evaluated (listed above)", len(summary["problems"]))
         return 1
     return 0
 

@@ -20,8 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
                "See documentation/prediction.md.")
     p.add_argument("-i", "--input", required=True, help="folder of cases named {case}_{XXXX}{ending}")
     p.add_argument("-o", "--output", required=True, help="output folder (created)")
-    p.add_argument("-t", "--target", required=True, nargs="+",
-                   help="sequence name(s) to synthesise, or 'all' (every sequence missing from a case)")
+    p.add_argument("-t", "--target", default=None, nargs="+",
+                   help="sequence name(s) to synthesise, or 'all' (every sequence missing from a case), or 'seg' "
+                        "(label maps from a segmentation model, same as --segment)")
+    p.add_argument("--segment", action="store_true",
+                   help="write label maps OUT/{case}{ending} in each case's geometry with a trained segmentation "
+                        "model (seg_from_latent, seg_from_images); see documentation/trainer_seg_from_latent.md")
     p.add_argument("-d", "--dataset", default=None, help="dataset id or name (needed only with several models)")
     p.add_argument("-tr", "--trainer", default=None, help="trainer name (e.g. seq2seq)")
     p.add_argument("-c", "--configuration", default=None, help="configuration (e.g. 2d, 3d)")
@@ -52,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from nnsynth.inference.predictor import Predictor, find_model_folder, predict_folder
+    from nnsynth.inference.segmentation import is_segment_target
+    if args.segment or is_segment_target(args.target):
+        return _segment(args)
+    if not args.target:
+        from nnsynth.exceptions import NnsynthError
+        raise NnsynthError("-t is required: a sequence name, 'all', or 'seg' (label maps; same as --segment)")
     if args.model_folder:
         folder = args.model_folder
     else:
@@ -68,6 +78,24 @@ def main(args: argparse.Namespace) -> int:
         logger.error("%d case(s) failed (listed above); the other cases were predicted", len(report.failed))
         return 1
     logger.info("%s", summary)
+    return 0
+
+
+def _segment(args: argparse.Namespace) -> int:
+    """``--segment`` / ``-t seg``: label maps from a segmentation model."""
+    from nnsynth.inference.predictor import Predictor
+    from nnsynth.inference.segmentation import find_segmentation_model, segment_folder
+    folder = args.model_folder or find_segmentation_model(args.dataset, args.trainer, args.configuration, args.plans,
+                                                          args.checkpoint).path
+    predictor = Predictor(folder, args.folds, args.checkpoint, args.device, args.step_size, args.tta,
+                          progress=not args.no_progress)
+    report = segment_folder(predictor, args.input, args.output, continue_prediction=args.continue_prediction,
+                            num_parts=args.num_parts, part_id=args.part_id)
+    if report.failed:
+        logger.error("%s", report.summary())
+        logger.error("%d case(s) failed (listed above); the other cases were segmented", len(report.failed))
+        return 1
+    logger.info("%s", report.summary())
     return 0
 
 

@@ -94,7 +94,9 @@ def _main(args: argparse.Namespace) -> int:
 
 
 # options that only some trainers take: CLI flag -> keyword argument of the trainer's __init__
-TRAINER_SPECIFIC_OPTIONS = {"--stage": "stage", "--pretrained-from": "pretrained_from"}
+TRAINER_SPECIFIC_OPTIONS = {"--stage": "stage", "--pretrained-from": "pretrained_from",
+                            "--latent-from": "latent_from", "--labelled-cases": "labelled_cases",
+                            "--cases": "labelled_case_names"}
 
 
 def _trainer_specific_kwargs(trainer_cls: type, args: argparse.Namespace) -> Dict[str, Any]:
@@ -140,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                "Own trainers: --trainer-class pkg.module:Class, NNSYNTH_TRAINERS or the 'nnsynth.trainers' "
                "entry-point group (see documentation/training.md).")
     p.add_argument("dataset", help="dataset id (501) or name (Dataset501_BrainDemo)")
-    p.add_argument("trainer", help="seq2seq, vq_seq2seq, tsf_seq2seq, codebrain, seg_from_latent or a registered name")
+    p.add_argument("trainer", help="seq2seq, vq_seq2seq, tsf_seq2seq, codebrain, seg_from_latent, seg_from_images or "
+                                   "a registered name")
     p.add_argument("fold", help="0-4 or 'all'")
     p.add_argument("-c", "--configuration", default="2d", help="configuration in the plans (default: 2d)")
     p.add_argument("-p", "--plans", default=DEFAULT_PLANS_IDENTIFIER, help="plans identifier (default: %(default)s)")
@@ -161,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained-from", default=None, metavar="TRAINER",
                    help="tsf_seq2seq: start from this trained model of the same dataset, fold and configuration "
                         "(seq2seq or vq_seq2seq)")
+    p.add_argument("--latent-from", default=None, metavar="TRAINER",
+                   help="seg_from_latent: the trained synthesis model whose frozen encoder gives the latent space "
+                        "(vq_seq2seq or seq2seq of the same dataset, fold and configuration, or a checkpoint path; "
+                        "default: vq_seq2seq, then seq2seq)")
+    p.add_argument("--labelled-cases", type=int, default=None, metavar="N",
+                   help="seg_from_latent / seg_from_images: train on the first N labelled training cases of the fold "
+                        "(complete cases with tumour first; default 1, one-shot)")
+    p.add_argument("--cases", nargs="+", default=None, dest="labelled_case_names", metavar="CASE",
+                   help="seg_from_latent / seg_from_images: train on exactly these labelled cases")
     p.add_argument("--trainer-class", default=None, metavar="MODULE:CLASS",
                    help="train with this TrainingEngine subclass; TRAINER is then only the name of the output folder")
     return p

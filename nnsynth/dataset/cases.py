@@ -16,7 +16,7 @@ from nnsynth.constants import CHANNEL_ID_DIGITS
 from nnsynth.dataset.dataset_json import DatasetSpec
 
 PathLike = Union[str, os.PathLike]
-_NAME_RE = re.compile(rf"^(?P<case>.+)_(?P<channel>\d{{{CHANNEL_ID_DIGITS}}})$")
+_NAME_RE = re.compile(rf"^(?P<case>.+)_(?P<channel>[0-9]{{{CHANNEL_ID_DIGITS}}})$", re.DOTALL)
 
 
 @dataclasses.dataclass

@@ -14,8 +14,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnsynth.constants import GEOMETRY_RELATIVE_TOLERANCE, SUPPORTED_FILE_ENDINGS
-from nnsynth.exceptions import ImageReadError
-from nnsynth.utils.files import atomic_path
+from nnsynth.exceptions import ImageReadError, OutputWriteError
+from nnsynth.utils.files import atomic_path, describe_write_error
 
 PathLike = Union[str, os.PathLike]
 
@@ -51,6 +51,10 @@ class Geometry:
         """Describe how ``other`` differs from this geometry ('' when they agree within ``rtol``)."""
         if self.shape != other.shape:
             return f"shape {other.shape} != {self.shape}"
+        with np.errstate(all="ignore"):  # NaN/Inf in a header: reported as a mismatch, not a warning
+            return self._value_mismatch(other, rtol)
+
+    def _value_mismatch(self, other: "Geometry", rtol: float) -> str:
         for name in ("spacing", "origin", "direction"):
             a, b = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
             if a.shape != b.shape:
@@ -128,8 +132,28 @@ def write_image(array: np.ndarray, geometry: Geometry, path: PathLike, dtype: np
     image.SetSpacing(geometry.spacing)
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)
-    with atomic_path(path, suffix=file_ending_of(path)) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
+    try:
+        with atomic_path(path, suffix=file_ending_of(path)) as tmp:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+            _verify_written(tmp)
+    except (OSError, RuntimeError) as e:  # ITK reports a full disk or a read-only folder as RuntimeError
+        raise OutputWriteError(describe_write_error(path, e)) from None
+
+
+def _verify_written(path: Path) -> None:
+    """ITK's gzip writer ignores a full disk and leaves a truncated file: check it before it gets its name."""
+    from nnsynth.dataset.integrity import check_file_integrity
+    problem = check_file_integrity(path) if path.stat().st_size else f"{path}: empty file"
+    if not problem and path.name.lower().endswith(".nrrd"):
+        try:
+            sitk.ReadImage(str(path))
+        except RuntimeError as e:
+            problem = _first_line(e)
+    if problem:
+        import errno
+        free = os.statvfs(path.parent)
+        raise OSError(errno.ENOSPC if free.f_bavail == 0 else errno.EIO,
+                      f"the written file is incomplete (disk full or a write limit?): {problem}")
 
 
 def _first_line(e: Exception) -> str:

@@ -315,7 +315,7 @@ def validate_dataset(dataset_folder: PathLike, check_images: bool = True, num_wo
     availability = availability_table(cases, working)
     test_availability = availability_table(test_cases, working)
     warnings.extend(_availability_warnings(availability, cases, labels_tr if label_files else None))
-    _dimension_warning(cases, results, warnings)
+    _dimension_problem(cases, results, problems)
     return ValidationReport(folder, spec, cases, test_cases, availability, test_availability, problems, warnings)
 
 
@@ -408,7 +408,8 @@ def _availability_warnings(df: pd.DataFrame, cases: Dict[str, Case], labels_tr: 
     return warnings
 
 
-def _dimension_warning(cases: Dict[str, Case], results: Dict[str, _FileCheck], warnings: List[str]) -> None:
+def _dimension_problem(cases: Dict[str, Case], results: Dict[str, _FileCheck], problems: List[str]) -> None:
+    """2D and 3D training cases in one dataset cannot share one plan: a problem (planning refuses it too)."""
     by_dim: Dict[int, List[str]] = {}
     for name, c in cases.items():
         for p in c.images.values():
@@ -417,6 +418,7 @@ def _dimension_warning(cases: Dict[str, Case], results: Dict[str, _FileCheck], w
                 by_dim.setdefault(g.ndim, []).append(name)
                 break
     if len(by_dim) > 1:
-        warnings.append("the dataset mixes " + " and ".join(
-            f"{d}D cases ({_names(sorted(set(n)))})" for d, n in sorted(by_dim.items())))
+        problems.append("the dataset mixes " + " and ".join(
+            f"{d}D cases ({_names(sorted(set(n)))})" for d, n in sorted(by_dim.items())) +
+            "; one plan cannot serve both: put the 2D and the 3D images in separate datasets")
 

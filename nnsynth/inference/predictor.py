@@ -36,10 +36,10 @@ from nnsynth.constants import DATASET_JSON, SUPPORTED_FILE_ENDINGS
 from nnsynth.dataset.cases import image_filename, parse_image_filename
 from nnsynth.dataset.dataset_json import DatasetSpec, parse_dataset_json_dict
 from nnsynth.dataset.io import Geometry, read_image, write_image
-from nnsynth.exceptions import DatasetFormatError, NnsynthError
+from nnsynth.exceptions import DatasetFormatError, NnsynthError, OutputWriteError
 from nnsynth.inference.sliding_window import (DEFAULT_STEP_SIZE, PREDICTION_KEY, sliding_window_predict,
                                               with_mirroring)
-from nnsynth.utils.files import load_json, save_json
+from nnsynth.utils.files import describe_write_error, load_json, save_json
 from nnsynth.utils.log import progress_disabled
 
 logger = logging.getLogger(__name__)
@@ -552,7 +552,7 @@ def predict_folder(predictor: Predictor, input_folder: PathLike, output_folder: 
                    "channel_names": {str(k): v for k, v in spec.channel_names.items()},
                    "file_ending": spec.file_ending, "intensity_space": "normalised (see documentation/prediction.md)"})
     record.setdefault("cases", {})
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out)
     logger.info("Predicting %s for %d case(s) of %s (part %d of %d) -> %s", "all missing sequences"
                 if targets is None else ", ".join(targets), len(names), input_folder, part_id + 1, num_parts, out)
 
@@ -627,7 +627,10 @@ def predict_folder(predictor: Predictor, input_folder: PathLike, output_folder: 
                 if pool is not None:
                     pending_writes.append((n, pool.submit(write, n, res, geometry)))
                 else:
-                    write(n, res, geometry)
+                    try:
+                        write(n, res, geometry)
+                    except OSError as e:
+                        raise OutputWriteError(describe_write_error(out, e)) from None
                 if res.predictions or res.maps:
                     report.predicted[n] = list(res.predictions)
                 record["cases"][n] = {t: {"sources": res.sources[t],
@@ -646,9 +649,25 @@ def predict_folder(predictor: Predictor, input_folder: PathLike, output_folder: 
             pool.shutdown(wait=True)
         for n in report.failed:
             record["cases"].pop(n, None)
-        save_json(record, record_path)
+        try:
+            save_json(record, record_path)
+        except OSError as e:
+            report.failed["(record)"] = describe_write_error(record_path, e)
+            logger.error("%s", report.failed["(record)"])
     report.seconds = time.time() - t0
     return report
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Create ``folder`` and make sure a file can be written there, before any work is done."""
+    import tempfile
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".nnsynth_write_test.", dir=folder) as f:
+            f.write(b"ok")
+            f.flush()
+    except OSError as e:
+        raise OutputWriteError(f"Output folder: {describe_write_error(folder / '.nnsynth_write_test', e)}") from None
 
 
 def _collect_writes(pending: List[Tuple[str, futures.Future]], report: PredictionReport, wait: bool

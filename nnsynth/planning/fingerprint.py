@@ -206,7 +206,11 @@ def extract_fingerprint(raw_dataset_folder: PathLike, num_workers: int = 0,
     available = {k: v["sequences"] for k, v in per_case.items()}
     is_2d = [r["is_2d"] for r in per_case.values()]
     if any(is_2d) and not all(is_2d):
-        raise DatasetFormatError(["the training cases mix 2D and 3D images; use one kind per dataset"],
+        two = sorted(k for k, r in per_case.items() if r["is_2d"])
+        three = sorted(k for k, r in per_case.items() if not r["is_2d"])
+        raise DatasetFormatError([f"the training cases mix 2D images ({', '.join(two[:5])}"
+                                  f"{' ...' if len(two) > 5 else ''}) and 3D images ({', '.join(three[:5])}"
+                                  f"{' ...' if len(three) > 5 else ''}); put them in separate datasets"],
                                  header="Cannot fingerprint the dataset")
     fp = {
         "fingerprint_version": FINGERPRINT_VERSION,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
@@ -126,5 +127,33 @@ def apply_overrides(plans: Mapping[str, Any], overrides: Iterable[str]) -> Dict[
             if isinstance(old, Mapping) and not isinstance(value, Mapping):
                 raise PlansError(f"plans key {'.'.join(p)} is a section; override one of its keys: "
                                  f"{', '.join(old)}")
+            why = _type_problem(old, value)
+            if why:
+                raise PlansError(f"plans key {'.'.join(p)}: {why} (current value {json.dumps(old)}, got {text!r})")
             node[p[-1]] = value
     return out
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _type_problem(old: Any, new: Any) -> str:
+    """Why ``new`` cannot replace ``old`` in the plans ('' when it can): the kind of value must stay the same."""
+    if old is None:
+        return ""
+    if _is_number(new) and not math.isfinite(new):
+        return "expects a finite number"
+    if isinstance(old, bool):
+        return "" if isinstance(new, bool) else "expects true or false"
+    if _is_number(old):
+        return "" if _is_number(new) else "expects a number"
+    if isinstance(old, str):
+        return "" if isinstance(new, str) else "expects a text value"
+    if isinstance(old, list):
+        if not isinstance(new, list):
+            return "expects a list like [64, 64]"
+        if old and all(_is_number(x) for x in old) and \
+                not all(_is_number(x) and math.isfinite(x) for x in new):
+            return "expects a list of finite numbers"
+    return ""

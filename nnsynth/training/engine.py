@@ -386,13 +386,20 @@ class TrainingEngine:
                 stacks = {s: torch.from_numpy(data[s][idx]).float().to(self.device) for s in sources}
                 pred = self.synthesize_slices(stacks, target).float().clamp(0, 1)
                 out[zs] = pred[:, h].cpu().numpy()
-        else:  # non-overlapping tiles of the patch size (the inference stage does proper sliding windows)
+        else:  # whole patch-size tiles (the inference stage does proper sliding windows)
             patch = [int(p) for p in self.config["patch_size"]]
-            for lo in np.ndindex(*[int(math.ceil(s / p)) for s, p in zip(data.shape[1:], patch)]):
-                box = tuple(slice(i * p, min((i + 1) * p, s)) for i, p, s in zip(lo, patch, data.shape[1:]))
-                vol = {s: torch.from_numpy(np.ascontiguousarray(data[s][box][None, None])).float().to(self.device)
-                       for s in sources}
-                out[box] = self.synthesize_slices(vol, target).float().clamp(0, 1)[0, 0].cpu().numpy()
+            shape = data.shape[1:]
+            # a volume smaller than the patch is zero-padded (as in training); the last tile along an axis is
+            # shifted back so that every tile is a full patch (a 1-voxel edge tile breaks reflect padding)
+            padded = [max(s, p) for s, p in zip(shape, patch)]
+            pad = [(0, ps - s) for ps, s in zip(padded, shape)]
+            acc = np.zeros(padded, np.float32)
+            for lo in np.ndindex(*[int(math.ceil(ps / p)) for ps, p in zip(padded, patch)]):
+                box = tuple(slice(min(i * p, ps - p), min(i * p, ps - p) + p) for i, p, ps in zip(lo, patch, padded))
+                vol = {s: torch.from_numpy(np.ascontiguousarray(np.pad(data[s], pad)[box][None, None])).float()
+                       .to(self.device) for s in sources}
+                acc[box] = self.synthesize_slices(vol, target).float().clamp(0, 1)[0, 0].cpu().numpy()
+            out[...] = acc[tuple(slice(0, s) for s in shape)]
         return out
 
     def final_validation(self) -> Optional[Dict[str, Any]]:
@@ -467,8 +474,15 @@ class TrainingEngine:
         return state
 
     def save_checkpoint(self, path: Path) -> None:
+        """Write a checkpoint (rank 0 only); the replaced ``checkpoint_latest.pth`` becomes the previous one."""
         if self.is_main:
-            ckpt.save_checkpoint(self.checkpoint_state(), path)
+            state = self.checkpoint_state()
+            position = (state["epoch"], state["iteration_in_epoch"])
+            # re-saving the same position (end of run) must not turn the previous state into a duplicate
+            rotate = path.name == ckpt.CHECKPOINT_LATEST and position != getattr(self, "_latest_position", None)
+            ckpt.save_checkpoint(state, path, keep_previous=rotate)
+            if path.name == ckpt.CHECKPOINT_LATEST:
+                self._latest_position = position
 
     def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
         if state["trainer_name"] != self.trainer_name:

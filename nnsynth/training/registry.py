@@ -28,6 +28,7 @@ TRAINERS: Dict[str, str] = {
     "tsf_seq2seq": "nnsynth.training.trainers.tsf_seq2seq:TSFSeq2SeqTrainer",
     "codebrain": "nnsynth.training.trainers.codebrain:CodeBrainTrainer",
     "seg_from_latent": "nnsynth.training.trainers.seg_from_latent:SegFromLatentTrainer",
+    "seg_from_images": "nnsynth.training.trainers.seg_from_latent:SegFromImagesTrainer",
 }
 
 

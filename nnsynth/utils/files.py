@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
@@ -32,6 +34,29 @@ def atomic_path(final_path: PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+#: errno values that mean "this location cannot take the file" (not a bug in nnsynth)
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def describe_write_error(path: PathLike, error: BaseException) -> str:
+    """An actionable sentence for a failed write of ``path``: free space and writability of its folder."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    hints = []
+    try:
+        free = shutil.disk_usage(folder).free
+        hints.append(f"{free / 2 ** 20:.1f} MiB free on that disk")
+    except OSError:
+        pass
+    if not os.access(folder, os.W_OK):
+        hints.append(f"{folder} is not writable")
+    detail = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1:] or [type(error).__name__]
+    detail = detail if isinstance(detail, str) else detail[0]
+    return (f"cannot write {path} ({detail}{'; ' + ', '.join(hints) if hints else ''}). Free disk space or "
+            f"choose a writable output folder, then re-run; nothing partial was left behind")
 
 
 def atomic_write(final_path: PathLike, writer: Callable[[Path], None], suffix: str = "") -> None:
