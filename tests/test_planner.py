@@ -131,6 +131,8 @@ def test_trainer_settings_merge():
     assert vq["loss"]["lambda_con"] == 10.0 and "num_epochs" in vq
     cb = get_trainer_settings(c, "codebrain")
     assert cb["schedule"] == "cosine" and cb["min_lr"] == 5e-5
+    assert get_trainer_settings(c, "seq2seq")["multi_source"] is True       # fused multi-source training
+    assert "multi_source" not in get_trainer_settings(c, "vq_seq2seq")
 
 
 def test_overrides():

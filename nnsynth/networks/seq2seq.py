@@ -235,12 +235,20 @@ class Seq2SeqNet(nn.Module):
             out = out[(slice(None), slice(None)) + tuple(slice(0, o) for o in output_size)]
         return out
 
-    def forward(self, x: Tensor, target: Tensor) -> Tensor:
-        """Synthesise the target sequence (indices (B,) or codes (B, code_length)) from x; same shape as x."""
+    def forward(self, x: Tensor, target: Tensor, groups: Optional[Tensor] = None) -> Tensor:
+        """Synthesise the target sequence (indices (B,) or codes (B, code_length)) from x; same shape as x.
+
+        ``groups`` (M,) fuses several sources per output: x then holds M source stacks, ``groups[m]`` names the
+        output row (0..B-1, B = len(target)) that stack m belongs to, and each row decodes the mean of its
+        sources' encodings (multi-source training, the TSF paper's "average" fusion). Without ``groups`` every
+        stack is its own row, which is exactly the paper's one-to-one Seq2Seq."""
         code = self._as_code(target)
-        if code.shape[0] not in (1, x.shape[0]):
+        features = self.encode(x)
+        if groups is not None:
+            features = fuse_mean(features, groups, code.shape[0])
+        elif code.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"batch size of target ({code.shape[0]}) does not match the input ({x.shape[0]})")
-        return self.decode(self.encode(x), code, output_size=x.shape[2:])
+        return self.decode(features, code, output_size=x.shape[2:])
 
     # ------------------------------------------------------------------------------------------------
     def estimate_feature_map_voxels(self, patch_size: Sequence[int]) -> int:
@@ -249,6 +257,21 @@ class Seq2SeqNet(nn.Module):
 
     def count_parameters(self, trainable_only: bool = True) -> int:
         return count_parameters(self, trainable_only)
+
+
+def fuse_mean(features: Tensor, groups: Tensor, rows: int) -> Tensor:
+    """Mean of ``features`` (M, C, ...) per row: ``groups`` (M,) in [0, rows) -> (rows, C, ...). Every row needs at
+    least one member; a row with one member gets that member's features unchanged (bit for bit)."""
+    groups = torch.as_tensor(groups, device=features.device).long()
+    if groups.dim() != 1 or groups.numel() != features.shape[0]:
+        raise ValueError(f"groups must have one entry per feature map ({features.shape[0]}), "
+                         f"got shape {tuple(groups.shape)}")
+    counts = torch.bincount(groups, minlength=rows)
+    if counts.numel() != rows or bool((counts == 0).any()):
+        raise ValueError(f"every output row 0..{rows - 1} needs at least one source; counts {counts.tolist()}")
+    summed = features.new_zeros((rows,) + tuple(features.shape[1:])).index_add(0, groups, features)
+    shape = (rows,) + (1,) * (features.dim() - 1)
+    return summed / counts.to(features.dtype).view(shape)
 
 
 def estimate_feature_map_voxels(patch_size: Sequence[int], network: Mapping[str, Any], in_channels: int = 1) -> int:
@@ -280,5 +303,5 @@ def estimate_feature_map_voxels(patch_size: Sequence[int], network: Mapping[str,
     return int(total)
 
 
-__all__ = ["Seq2SeqNet", "Encoder", "HyperDecoder", "DEFAULT_SEQ2SEQ_NETWORK", "resolve_network_config",
+__all__ = ["Seq2SeqNet", "fuse_mean", "Encoder", "HyperDecoder", "DEFAULT_SEQ2SEQ_NETWORK", "resolve_network_config",
            "estimate_feature_map_voxels", "downsample_factor", "count_parameters"]

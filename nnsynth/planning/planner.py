@@ -288,7 +288,7 @@ class DefaultPlanner:
         total = epochs * iters
         per_trainer = {
             "seq2seq": {"optimizer": "adam", "lr": 2e-4, "weight_decay": 0.0, "betas": [0.9, 0.999],
-                        "schedule": "poly"},
+                        "schedule": "poly", "multi_source": True},
             "vq_seq2seq": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.95],
                            "schedule": "poly"},
             "tsf_seq2seq": {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999],

@@ -10,13 +10,19 @@ Optional, for severely unpaired data (plans ``loss.cycle`` / ``loss.adversarial`
 the cycle term of eq. 3, ``L1(G(E(X'_{i->j}) | s_i), X_i)`` over pairs with i != j, and the adversarial
 term of eq. 2 as a least-squares PatchGAN with one output map per sequence (D_j = channel j).
 
-Full-volume synthesis from several sources averages the per-source outputs (output space), since a
-Seq2Seq model is trained one source at a time; ``fusion = "latent"`` averages encoder features instead.
+Multi-source training (plans ``training.per_trainer.seq2seq.multi_source``, on by default in new plans): each
+sample draws a target among the case's available sequences and, as sources, either the target itself
+(self-reconstruction, with the paper's 1/|available| odds) or a random non-empty subset of the other available
+sequences; the decoder reads the mean of the sources' encodings (the "average" fusion the TSF paper compares
+with). With one source this is exactly eq. 1's one-to-one pair; with several it teaches the one decoder to
+use what every given sequence shows (a lesion seen only on T2, say). Prediction then fuses in latent space.
+With ``multi_source`` off the trainer is the paper's one-to-one Seq2Seq, and prediction from several sources
+averages the per-source outputs (output space).
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,13 +58,22 @@ class PatchDiscriminator(nn.Module):
 
 class Seq2SeqTrainer(TrainingEngine):
     trainer_name = "seq2seq"
-    fusion = "output"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loss_cfg = {**SEQ2SEQ_LOSS_DEFAULTS, **self.loss_settings}
         self.lambda_cycle = float(self.loss_cfg["lambda_cycle"])
         self.lambda_adv = float(self.loss_cfg["lambda_adv"])
+        self.multi_source = bool(self.training.get("multi_source", False))
+        if self.multi_source and (self.lambda_cycle > 0 or self.lambda_adv > 0):
+            logger.info("Cycle/adversarial terms need one source per sample: multi-source training is off")
+            self.multi_source = False
+
+    @property
+    def fusion(self) -> str:
+        """How prediction combines several sources: encodings averaged ("latent") when the model was trained
+        to fuse them, otherwise the per-source outputs averaged ("output")."""
+        return "latent" if self.multi_source else "output"
 
     # ----- network and losses ------------------------------------------------------------------------------
     def build_network(self) -> nn.Module:
@@ -81,8 +96,54 @@ class Seq2SeqTrainer(TrainingEngine):
             logger.info("Adversarial (LSGAN PatchGAN) term on, weight %s", self.lambda_adv)
         if self.lambda_cycle > 0:
             logger.info("Cycle-consistency term on, weight %s", self.lambda_cycle)
+        if self.multi_source:
+            from nnsynth.training.dataloading import (INTENSITY_AUGMENTATION_OFF, MultiSequenceSampler,
+                                                      build_augmentation, make_training_iterator)
+            patch = [int(p) for p in self.config["patch_size"]]
+            # every sequence of a sample may be a source or the target: spatial augmentation only
+            aug = {**(self.config.get("augmentation") or {}), **INTENSITY_AUGMENTATION_OFF}
+            self.sampler = MultiSequenceSampler(self.case_store, self.train_cases, patch, self.spatial_dims,
+                                                self.num_adjacent_slices, int(self.config.get("batch_size", 2)),
+                                                seed=self.seed + 7919 * self.rank,
+                                                transform=build_augmentation(patch, self.spatial_dims, aug))
+            self.train_iter = make_training_iterator(self.sampler, int(self.training["num_workers"]))
+            logger.info("Multi-source training: sources are random subsets of each case's sequences, fused by "
+                        "the mean of their encodings")
+
+    @staticmethod
+    def draw_multi_source(available: torch.Tensor, generator: Optional[torch.Generator] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row of ``available`` (B, N) bool: a random available target and its sources, the target alone
+        with probability 1/|available| (self-reconstruction, as the paper's uniform pairs give), else a random
+        non-empty subset of the other available sequences. Returns (rows, sequences, targets): source m is
+        sequence ``sequences[m]`` of row ``rows[m]``."""
+        rows, seqs, targets = [], [], []
+        for i in range(available.shape[0]):
+            av = available[i].nonzero(as_tuple=True)[0].tolist()
+            t = av[int(torch.randint(len(av), (1,), generator=generator))]
+            others = [s for s in av if s != t]
+            if not others or float(torch.rand((), generator=generator)) < 1.0 / len(av):
+                chosen = [t]
+            else:
+                r = int(torch.randint(1, len(others) + 1, (1,), generator=generator))
+                chosen = sorted(others[j] for j in torch.randperm(len(others), generator=generator)[:r].tolist())
+            rows += [i] * len(chosen)
+            seqs += chosen
+            targets.append(t)
+        return torch.tensor(rows), torch.tensor(seqs), torch.tensor(targets)
+
+    def _multi_source_loss(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        images = batch["images"]
+        rows, seqs, targets = self.draw_multi_source(batch["available"].bool().cpu())
+        rows, seqs, targets = rows.to(images.device), seqs.to(images.device), targets.to(images.device)
+        pred = self.train_network(images[rows, seqs], targets, rows)
+        truth = images[torch.arange(images.shape[0], device=images.device), targets]
+        terms = self.recon_loss.terms(pred.float(), truth)
+        return terms["loss"], {"sources_per_sample": float(seqs.numel()) / images.shape[0]}
 
     def compute_loss(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        if "images" in batch:
+            return self._multi_source_loss(batch)
         pred = self.train_network(batch["source"], batch["target_idx"])
         terms = self.recon_loss.terms(pred.float(), batch["target"])  # eq. 1 over the whole patch, as the paper
         loss, parts = terms["loss"], {}

@@ -29,13 +29,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nnsynth.exceptions import NnsynthError, PlansError
-from nnsynth.training.dataloading import SynthesisSampler, build_augmentation
+from nnsynth.training.dataloading import (INTENSITY_AUGMENTATION_OFF, MultiSequenceSampler,  # noqa: F401 (re-export)
+                                          build_augmentation)
 from nnsynth.training.engine import TrainingEngine
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ VQ_SEQ2SEQ_LOSS_DEFAULTS: Dict[str, Any] = {
 VQ_SEQ2SEQ_OPTIMIZER_DEFAULTS: Dict[str, Any] = {   # paper: AdamW 1e-4; authors' code betas 0.9/0.95, wd 0.05
     "optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.95],
 }
-INTENSITY_AUGMENTATION_OFF = {"p_gamma": 0.0, "p_brightness": 0.0, "p_noise": 0.0, "p_bias_field": 0.0}
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -65,52 +64,6 @@ def apply_optimizer_defaults(trainer: TrainingEngine, defaults: Dict[str, Any]) 
     for key, value in defaults.items():
         if key not in training and key not in per:
             trainer.training[key] = value
-
-
-class MultiSequenceSampler(SynthesisSampler):
-    """Per-case batches: every sequence of a case at one patch, ``images`` (B, N, k, y, x) or (B, N, 1, z, y, x)
-    with missing sequences all 0, ``available`` (B, N) bool and the brain ``mask``. Only spatial augmentation
-    (one grid for all sequences); intensity augmentation is the trainer's business (domain augmentation)."""
-
-    def __init__(self, *args: Any, min_available: int = 1, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.cases = [c for c in self.cases if len(self.store.cases[c].available) >= int(min_available)]
-        if not self.cases:
-            raise NnsynthError(f"No training case holds at least {min_available} sequences; this trainer needs "
-                               f"them (check the dataset's missing sequences)")
-
-    def _read_all(self, case: str, center) -> Dict[str, np.ndarray]:
-        """Every sequence of the case around ``center`` (missing ones stay 0), its mask and availability."""
-        info = self.store.cases[case]
-        n = int(info.data.shape[0])
-        arrays, mask = self.read_channels(case, info.available, center)
-        shape = arrays[0].shape if self.spatial_dims == 2 else (1,) + arrays[0].shape
-        imgs = np.zeros((n,) + shape, np.float32)
-        for s, box in zip(info.available, arrays):
-            imgs[s] = box if self.spatial_dims == 2 else box[None]
-        mask = mask if self.spatial_dims == 2 else mask[None]
-        avail = np.zeros(n, bool)
-        avail[info.available] = True
-        return {"images": imgs, "mask": mask.astype(np.float32), "available": avail}
-
-    def next_batch(self) -> Dict[str, Any]:
-        names, images, masks, avails = [], [], [], []
-        for _ in range(self.batch_size):
-            case = self.cases[int(self.rng.integers(len(self.cases)))]
-            s = self._read_all(case, self._center(self.store.cases[case]))
-            img = torch.from_numpy(s["images"])
-            mask = torch.from_numpy(s["mask"])
-            if self.transform is not None:
-                n, c = img.shape[:2]
-                out = self.transform(image=img.reshape(n * c, *img.shape[2:]), segmentation=mask.to(torch.int16))
-                img = out["image"].reshape(n, c, *out["image"].shape[1:])
-                mask = out["segmentation"].float()
-            names.append(case)
-            images.append(img.float())
-            masks.append(mask.float())
-            avails.append(torch.from_numpy(s["available"]))
-        return {"images": torch.stack(images), "mask": torch.stack(masks), "available": torch.stack(avails),
-                "cases": names}
 
 
 def latent_mask(mask: torch.Tensor, latent_size) -> torch.Tensor:

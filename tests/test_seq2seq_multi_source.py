@@ -1,0 +1,110 @@
+"""Seq2Seq multi-source training: latent mean fusion, task drawing, training and exact resumption."""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+
+from nnsynth.networks.seq2seq import Seq2SeqNet, fuse_mean
+from test_training_engine import _no_final_validation, _weights, make_preprocessed, make_trainer, tiny_plans
+
+
+def _multi_plans(**kw):
+    plans = tiny_plans(**kw)
+    plans["configurations"]["2d"]["training"]["per_trainer"] = {"seq2seq": {"multi_source": True}}
+    return plans
+
+
+def test_fuse_mean_is_the_per_row_mean():
+    f = torch.randn(5, 3, 4, 4)
+    groups = torch.tensor([0, 1, 1, 2, 2])
+    out = fuse_mean(f, groups, 3)
+    assert torch.equal(out[0], f[0])                      # one member: unchanged, bit for bit
+    torch.testing.assert_close(out[1], (f[1] + f[2]) / 2)
+    torch.testing.assert_close(out[2], (f[3] + f[4]) / 2)
+    with pytest.raises(ValueError, match="at least one source"):
+        fuse_mean(f, torch.tensor([0, 0, 0, 2, 2]), 3)
+    with pytest.raises(ValueError, match="one entry per feature map"):
+        fuse_mean(f, torch.tensor([0, 1]), 2)
+
+
+def test_grouped_forward_with_one_source_per_row_is_the_paper_forward():
+    net = Seq2SeqNet(4, 3, 2, tiny_plans()["configurations"]["2d"]["network"]).eval()
+    x = torch.rand(3, 3, 20, 24)
+    target = torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        plain = net(x, target)
+        grouped = net(x, target, torch.arange(3))
+        # two sources for row 0: the decoder sees the mean of their encodings
+        fused = net(torch.cat([x, x[:1] * 0.5]), target, torch.tensor([0, 1, 2, 0]))
+        expected = net.decode((net.encode(x[:1]) + net.encode(x[:1] * 0.5)) / 2, target[:1], output_size=(20, 24))
+    assert torch.equal(plain, grouped)
+    torch.testing.assert_close(fused[:1], expected)
+    torch.testing.assert_close(fused[1:], plain[1:])
+
+
+def test_draw_multi_source_tasks():
+    from nnsynth.training.trainers.seq2seq import Seq2SeqTrainer
+    available = torch.tensor([[True, True, True, True]] * 2000 + [[False, True, False, False]] * 10)
+    g = torch.Generator().manual_seed(0)
+    rows, seqs, targets = Seq2SeqTrainer.draw_multi_source(available, g)
+    per_row = {}
+    for r, s in zip(rows.tolist(), seqs.tolist()):
+        per_row.setdefault(r, []).append(s)
+    assert sorted(per_row) == list(range(len(available)))           # every row has a source
+    self_rec, sizes = 0, Counter()
+    for r, srcs in per_row.items():
+        t = int(targets[r])
+        assert available[r, t] and all(available[r, s] for s in srcs) and len(set(srcs)) == len(srcs)
+        if srcs == [t]:
+            self_rec += r < 2000
+        else:
+            assert t not in srcs
+            sizes[len(srcs)] += 1
+    assert all(per_row[r] == [1] and int(targets[r]) == 1 for r in range(2000, 2010))  # one sequence: self only
+    assert abs(self_rec / 2000 - 0.25) < 0.04                        # 1 / |available|
+    assert set(sizes) == {1, 2, 3}                                   # every subset size of the 3 others
+
+
+def test_multi_source_training_improves_and_predicts_from_fused_sources(tmp_path):
+    pre = make_preprocessed(tmp_path / "pre", plans=_multi_plans(epochs=2, iters=4))
+    trainer = _no_final_validation(make_trainer(pre, tmp_path / "out", num_epochs=2, iters_per_epoch=4))
+    assert trainer.multi_source and trainer.fusion == "latent"
+    fresh = copy.deepcopy(trainer)
+    trainer.run_training()
+    losses = trainer.logs["train_loss"]
+    assert losses[-1] < 0.8 * losses[0], losses
+    from nnsynth.training.dataloading import MultiSequenceSampler
+    assert isinstance(trainer.sampler, MultiSequenceSampler)
+    fresh.initialize()
+    sources = {i: torch.rand(2, 3, 32, 32) for i in (0, 1, 2)}
+    with torch.no_grad():
+        out = trainer.synthesize_slices(sources, 3)
+        net = trainer.network
+        feats = torch.stack([net.encode(x) for x in sources.values()]).mean(0)
+        expected = net.decode(feats, torch.full((2,), 3), output_size=(32, 32))
+    torch.testing.assert_close(out, expected)
+
+
+def test_multi_source_exact_resume(tmp_path):
+    pre = make_preprocessed(tmp_path / "pre", n_cases=5, plans=_multi_plans())
+    kw = dict(num_epochs=3, iters_per_epoch=2)
+    ref = _no_final_validation(make_trainer(pre, tmp_path / "ref", **kw))
+    ref.run_training()
+    a = _no_final_validation(make_trainer(pre, tmp_path / "run", **kw))
+
+    def stop_after_one(epoch):
+        if epoch == 0:
+            raise KeyboardInterrupt
+    a.on_epoch_end = stop_after_one
+    with pytest.raises(KeyboardInterrupt):
+        a.run_training()
+    b = _no_final_validation(make_trainer(pre, tmp_path / "run", **kw))
+    b.run_training(continue_training=True)
+    wr, wb = _weights(ref), _weights(b)
+    for k in wr:
+        torch.testing.assert_close(wb[k], wr[k], rtol=1e-5, atol=1e-6)
+    assert b.logs["train_loss"] == pytest.approx(ref.logs["train_loss"], rel=1e-5)
+
