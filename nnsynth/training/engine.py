@@ -286,8 +286,11 @@ class TrainingEngine:
             self.logs[key].append(float(value))
         self.epoch += 1
         self.iteration_in_epoch, self._epoch_loss = 0, [0.0, 0]
-        logger.info("epoch %d/%d: train loss %.4f, val PSNR %.2f dB, val SSIM %.4f, lr %.2e, %.1f s", self.epoch,
-                    self.num_epochs, train_loss, metrics["psnr"], metrics["ssim"], self.logs["lr"][-1], epoch_time)
+        # trainers without an image target (segmentation) log their own validation score instead of PSNR/SSIM
+        val_text = (f", val PSNR {metrics['psnr']:.2f} dB, val SSIM {metrics['ssim']:.4f}"
+                    if math.isfinite(metrics["psnr"]) else "")
+        logger.info("epoch %d/%d: train loss %.4f%s, lr %.2e, %.1f s", self.epoch, self.num_epochs, train_loss,
+                    val_text, self.logs["lr"][-1], epoch_time)
         self._fit_schedule_to_time_budget()
         if self.is_main:
             plot_progress(self.logs, self.fold_folder / "progress.png", self.progress_panels())
