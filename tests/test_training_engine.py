@@ -269,3 +269,23 @@ def test_registry(monkeypatch):
         if importlib.util.find_spec(f"nnsynth.training.trainers.{name}") is None:
             with pytest.raises(TrainerNotAvailableError):
                 get_trainer(name)
+
+
+def test_time_budget_fit_shrinks_then_grows_back_within_the_plan(tmp_path):
+    """A slow first epoch (busy machine) shortens the schedule; faster epochs later give the epochs back, never
+    more than planned."""
+    import time as _time
+    pre = make_preprocessed(tmp_path / "pre", n_cases=5)
+    t = make_trainer(pre, tmp_path / "out", num_epochs=6, iters_per_epoch=2, max_minutes=2.0)
+    t.initialize()
+    t._epochs_before_run = 0
+    now = _time.time()
+    t._run_start, t.epoch, t.logs["epoch_time"] = now - 60.0, 1, [60.0]      # 60 s per epoch, 60 s left
+    t._fit_schedule_to_time_budget()
+    assert t.num_epochs == 2 and t.scheduler.total_iters == 2 * 2
+    t._run_start, t.epoch, t.logs["epoch_time"] = now - 70.0, 2, [60.0, 10.0]  # 35 s per epoch, 50 s left
+    t._fit_schedule_to_time_budget()
+    assert t.num_epochs == 4 and t.scheduler.total_iters == 4 * 2
+    t._run_start, t.epoch, t.logs["epoch_time"] = now - 4.0, 2, [2.0, 2.0]     # plenty of time: the plan's 6
+    t._fit_schedule_to_time_budget()
+    assert t.num_epochs == 6

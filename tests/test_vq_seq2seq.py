@@ -177,3 +177,22 @@ def test_vq_cli_runs_and_resumes(nnsynth_folders):
     assert cli(args + ["--c", "--epochs", "2"]) == 0
     state = torch.load(fold / "checkpoint_final.pth", weights_only=False)
     assert state["epoch"] == 2 and len(state["logs"]["codebook_usage"]) == 2
+
+
+def test_term_switches_scale_when_the_time_budget_shortens_the_run(vq_run, caplog):
+    """--max-minutes shrinking 50 planned epochs to 10 must move the contrastive/VQC/augmentation starts to the
+    same fraction of training (else a short run never reaches them)."""
+    import logging
+    from nnsynth.training.trainers.vq_seq2seq import VQSeq2SeqTrainer
+    _, _, pre, out = vq_run
+    plans = _plans(epochs=50)
+    plans["configurations"]["2d"]["loss"]["vq_seq2seq"].update(
+        {"contrastive_start_epoch": 5, "vqc_start_epoch": 10, "augmentation_start_epoch": 10})
+    trainer = VQSeq2SeqTrainer(plans, "2d", 0, pre, out.parent / "scaled", "cpu")
+    assert [trainer.start_epoch(k) for k in ("contrastive_start_epoch", "vqc_start_epoch")] == [5, 10]
+    trainer.num_epochs = 10            # what _fit_schedule_to_time_budget does
+    with caplog.at_level(logging.INFO):
+        trainer.on_schedule_fitted()
+    assert [trainer.start_epoch(k) for k in ("contrastive_start_epoch", "vqc_start_epoch",
+                                             "augmentation_start_epoch")] == [1, 2, 2]
+    assert "contrastive from epoch 1, VQC sampling from epoch 2" in caplog.text

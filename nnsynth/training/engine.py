@@ -132,6 +132,9 @@ class TrainingEngine:
     def on_epoch_end(self, epoch: int) -> None:
         """Called after every completed epoch (checkpoints already written)."""
 
+    def on_schedule_fitted(self) -> None:
+        """Called when ``--max-minutes`` shortened ``num_epochs``: rescale epoch-based switches here."""
+
     # ===== set-up ==========================================================================================
     @property
     def network(self) -> nn.Module:
@@ -304,7 +307,7 @@ class TrainingEngine:
         dist_utils.barrier()
 
     def _fit_schedule_to_time_budget(self) -> None:
-        """With ``--max-minutes``, shrink ``num_epochs`` to what fits so the LR schedule completes in time."""
+        """With ``--max-minutes``, fit ``num_epochs`` to what the budget allows so the LR schedule completes in time."""
         if self.max_minutes is None or not self.training["fit_schedule_to_time_budget"]:
             return
         spent = time.time() - self._run_start
@@ -313,12 +316,15 @@ class TrainingEngine:
         # ceil: a started epoch that the budget cuts short still trains (it stops at the time check), so one
         # slow first epoch never ends a run that has minutes left
         fit = self.epoch + (int(math.ceil(remaining / max(per_epoch, 1e-6))) if remaining > 0 else 0)
-        fit = dist_utils.broadcast_object(fit)
-        if fit < self.num_epochs:
+        # never beyond the planned (or --epochs) count; may grow back when a slow first epoch (a busy machine)
+        # made the earlier estimate too short
+        fit = dist_utils.broadcast_object(min(fit, int(self.training["num_epochs"])))
+        if fit != self.num_epochs and max(self.epoch, fit) != self.num_epochs:
             self.num_epochs = max(self.epoch, fit)
             self.scheduler.set_total(max(self.num_epochs * self.iters_per_epoch, self.scheduler.iteration + 1))
             logger.info("About %d epoch(s) fit in --max-minutes %s; the schedule now ends there",
                         self.num_epochs, self.max_minutes)
+            self.on_schedule_fitted()
 
     def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -91,6 +91,7 @@ class VQSeq2SeqTrainer(TrainingEngine):
         if not (tps == "all" or (isinstance(tps, (int, float)) and int(tps) >= 1)):
             raise PlansError(f"loss.vq_seq2seq.targets_per_source must be 'all' or an int >= 1, got {tps!r}")
         self.loss_cfg = cfg
+        self._epochs_planned = self.num_epochs   # before --max-minutes fits the schedule (also after a resume)
         self._parts_sum: Dict[str, float] = {}
         self._parts_n = 0
 
@@ -134,6 +135,20 @@ class VQSeq2SeqTrainer(TrainingEngine):
                     "augmentation from epoch %s; D=%d, K=%d", self.loss_cfg["contrastive_start_epoch"],
                     self.loss_cfg["vqc_start_epoch"], self.loss_cfg["augmentation_start_epoch"],
                     self.network.quantizer.latent_dim, self.network.quantizer.codebook_size)
+
+    def start_epoch(self, key: str) -> int:
+        """Epoch at which a scheduled term (``contrastive_start_epoch``, ``vqc_start_epoch``,
+        ``augmentation_start_epoch``) switches on. When ``--max-minutes`` shortened the run, the plans' value is
+        scaled by the same factor, so a short run still reaches every term at the same fraction of training."""
+        value = int(self.loss_cfg[key])
+        if self.num_epochs < self._epochs_planned:
+            return int(value * self.num_epochs / self._epochs_planned)
+        return value
+
+    def on_schedule_fitted(self) -> None:
+        logger.info("VQ-Seq2Seq schedule scaled to %d epochs: contrastive from epoch %d, VQC sampling from epoch %d, "
+                    "domain augmentation from epoch %d", self.num_epochs, self.start_epoch("contrastive_start_epoch"),
+                    self.start_epoch("vqc_start_epoch"), self.start_epoch("augmentation_start_epoch"))
 
     # ----- losses -------------------------------------------------------------------------------------------
     def reconstruction(self, pred: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -185,7 +200,7 @@ class VQSeq2SeqTrainer(TrainingEngine):
         avail_lists = [avail[b].nonzero(as_tuple=True)[0].tolist() for b in range(images.shape[0])]
         x = images[b_idx, s_idx]
         x_in = x
-        if self.epoch >= int(self.loss_cfg["augmentation_start_epoch"]):
+        if self.epoch >= self.start_epoch("augmentation_start_epoch"):
             x_in, _ = self.augmenter(x, self._translate)
         vq = net.quantize(x_in)
         z_q = vq.z_q
@@ -204,7 +219,7 @@ class VQSeq2SeqTrainer(TrainingEngine):
         n_avail = avail.sum(1)
         multi = (n_avail >= 2).nonzero(as_tuple=True)[0].tolist()
         # eq. 8, second term: G(z_s, c_j) vs X_j with z_s from the VQC latent space of the case
-        if multi and self.epoch >= int(self.loss_cfg["vqc_start_epoch"]):
+        if multi and self.epoch >= self.start_epoch("vqc_start_epoch"):
             from nnsynth.networks.vq_seq2seq import sample_vqc
             dense = z_q.new_zeros((images.shape[0], images.shape[1]) + tuple(z_q.shape[1:]))
             dense = dense.index_put((b_idx, s_idx), z_q)
@@ -225,7 +240,7 @@ class VQSeq2SeqTrainer(TrainingEngine):
             parts["vqc_l1"] = sparts["l1"]
 
         # eq. 7 over unordered pairs of a case's sequences
-        if multi and self.epoch >= int(self.loss_cfg["contrastive_start_epoch"]) and float(self.loss_cfg["lambda_con"]) > 0:
+        if multi and self.epoch >= self.start_epoch("contrastive_start_epoch") and float(self.loss_cfg["lambda_con"]) > 0:
             first, second, owner = [], [], []
             by_case: Dict[int, List[int]] = {}
             for m, b in enumerate(owners):
