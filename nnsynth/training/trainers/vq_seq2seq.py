@@ -139,10 +139,12 @@ class VQSeq2SeqTrainer(TrainingEngine):
     def start_epoch(self, key: str) -> int:
         """Epoch at which a scheduled term (``contrastive_start_epoch``, ``vqc_start_epoch``,
         ``augmentation_start_epoch``) switches on. When ``--max-minutes`` shortened the run, the plans' value is
-        scaled by the same factor, so a short run still reaches every term at the same fraction of training."""
+        scaled by the same factor, so a short run still reaches every term at the same fraction of training; a term
+        planned after epoch 0 never starts before epoch 1 (its losses, InfoNCE above all, would swamp the
+        reconstruction of an untrained network)."""
         value = int(self.loss_cfg[key])
-        if self.num_epochs < self._epochs_planned:
-            return int(value * self.num_epochs / self._epochs_planned)
+        if value > 0 and self.num_epochs < self._epochs_planned:
+            return max(1, int(round(value * self.num_epochs / self._epochs_planned)))
         return value
 
     def on_schedule_fitted(self) -> None:
