@@ -1,8 +1,6 @@
 """Shared test set-up: every test gets its own nnsynth folders and a small thread budget."""
 from __future__ import annotations
 
-import os
-
 import matplotlib
 import pytest
 
@@ -27,3 +25,14 @@ def nnsynth_folders(tmp_path, monkeypatch):
         monkeypatch.setenv(var, str(root / sub))
         folders[sub] = root / sub
     return folders
+
+
+@pytest.fixture
+def logs(caplog, capsys):
+    """Everything nnsynth logged so far in this test (the CLI logs to stderr, library code to caplog)."""
+    seen = []
+
+    def text() -> str:
+        seen.append(capsys.readouterr().err)
+        return caplog.text + "".join(seen)
+    return text

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,15 +43,6 @@ dataset_dicts = st.fixed_dictionaries({}, optional={
 
 
 
-@pytest.fixture
-def logs(caplog, capsys):
-    """Everything nnsynth logged so far in this test (the CLI logs to stderr, library code to caplog)."""
-    seen = []
-
-    def text() -> str:
-        seen.append(capsys.readouterr().err)
-        return caplog.text + "".join(seen)
-    return text
 
 # ================================================================================================================
 # property-based

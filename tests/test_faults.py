@@ -43,15 +43,6 @@ raise SystemExit(cli({argv!r}))
 
 
 
-@pytest.fixture
-def logs(caplog, capsys):
-    """Everything nnsynth logged so far in this test (the CLI logs to stderr, library code to caplog)."""
-    seen = []
-
-    def text() -> str:
-        seen.append(capsys.readouterr().err)
-        return caplog.text + "".join(seen)
-    return text
 
 def run_child(module: str, argv: List[str], env: Dict[str, str], hook: str = "", timeout: float = 240,
               preexec=None, wrap: Optional[List[str]] = None) -> subprocess.CompletedProcess:

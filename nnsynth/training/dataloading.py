@@ -228,10 +228,9 @@ class SynthesisSampler:
             return tuple(int(v) for v in info.foreground[self.rng.integers(len(info.foreground))])
         return tuple(int(self.rng.integers(s)) for s in info.shape)
 
-    def read_channels(self, case: str, channels: Sequence[int], center: Sequence[int]
-                      ) -> Tuple[List[np.ndarray], np.ndarray]:
-        """Read ``channels`` of a case around ``center``: ``(k, y, x)`` stacks (2D) or ``(z, y, x)`` patches (3D)
-        (with a margin for spatial augmentation), plus the brain mask of the same box (no channel axis)."""
+    def box(self, case: str, center: Sequence[int]) -> Tuple[List[int], List[int], Optional[np.ndarray]]:
+        """The box read around ``center``: start and size (with a margin for spatial augmentation), and in 2.5D the
+        indices of the k slices inside it (edge slices repeat at the volume's ends); None in 3D."""
         info = self.store.cases[case]
         z, y, x = center
         scale = SPATIAL_READ_MARGIN if self.transform is not None else 1.0
@@ -239,16 +238,21 @@ class SynthesisSampler:
         lo_inplane = [_box_start(c, s, n) for c, s, n in zip((y, x), size_inplane, info.shape[1:])]
         if self.spatial_dims == 2:
             zs = np.clip(np.arange(z - self.k // 2, z - self.k // 2 + self.k), 0, info.shape[0] - 1)
-            z0, z1 = int(zs.min()), int(zs.max()) + 1
-            lo, size = [z0] + lo_inplane, [z1 - z0] + size_inplane
-            idx = zs - z0
-            arrays = [read_box(info.data, c, lo, size)[idx] for c in channels]
-            mask = read_box(info.seg, 0, lo, size, fill=-1)[idx] >= 0
-        else:
-            pz = int(math.ceil(self.patch_size[0] * scale))
-            lo, size = [_box_start(z, pz, info.shape[0])] + lo_inplane, [pz] + size_inplane
-            arrays = [read_box(info.data, c, lo, size) for c in channels]
-            mask = read_box(info.seg, 0, lo, size, fill=-1) >= 0
+            z0 = int(zs.min())
+            return [z0] + lo_inplane, [int(zs.max()) + 1 - z0] + size_inplane, zs - z0
+        pz = int(math.ceil(self.patch_size[0] * scale))
+        return [_box_start(z, pz, info.shape[0])] + lo_inplane, [pz] + size_inplane, None
+
+    def read_channels(self, case: str, channels: Sequence[int], center: Sequence[int]
+                      ) -> Tuple[List[np.ndarray], np.ndarray]:
+        """Read ``channels`` of a case around ``center``: ``(k, y, x)`` stacks (2D) or ``(z, y, x)`` patches (3D)
+        (with a margin for spatial augmentation), plus the brain mask of the same box (no channel axis)."""
+        info = self.store.cases[case]
+        lo, size, idx = self.box(case, center)
+        arrays = [read_box(info.data, c, lo, size) for c in channels]
+        mask = read_box(info.seg, 0, lo, size, fill=-1) >= 0
+        if idx is not None:
+            arrays, mask = [a[idx] for a in arrays], mask[idx]
         return arrays, mask
 
     def sample(self, case: str, source: int, target: int, center: Sequence[int]) -> Dict[str, np.ndarray]:

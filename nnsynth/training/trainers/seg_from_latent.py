@@ -36,8 +36,7 @@ from nnsynth.constants import DATASET_JSON
 from nnsynth.exceptions import NnsynthError
 from nnsynth.training import checkpointing as ckpt
 from nnsynth.training import distributed as dist_utils
-from nnsynth.training.dataloading import (DEFAULT_OVERSAMPLE_FOREGROUND, SPATIAL_READ_MARGIN, _box_start,
-                                          build_augmentation, read_box)
+from nnsynth.training.dataloading import DEFAULT_OVERSAMPLE_FOREGROUND, build_augmentation, read_box
 from nnsynth.training.engine import VALIDATION_SEED, TrainingEngine
 from nnsynth.training.trainers.vq_seq2seq import MultiSequenceSampler, apply_optimizer_defaults
 from nnsynth.utils.files import load_json, save_json
@@ -84,24 +83,10 @@ class SegmentationSampler(MultiSequenceSampler):
             return tuple(int(v) for v in coords[self.rng.integers(len(coords))])
         return self._center(self.store.cases[case])
 
-    def _box(self, case: str, center: Sequence[int]) -> Tuple[List[int], List[int], Optional[np.ndarray]]:
-        """Start, size and (2.5D) slice indices of the read box, as ``read_channels`` reads it."""
-        info = self.store.cases[case]
-        z, y, x = center
-        scale = SPATIAL_READ_MARGIN if self.transform is not None else 1.0
-        size_inplane = [int(math.ceil(p * scale)) for p in self.patch_size[-2:]]
-        lo_inplane = [_box_start(c, s, n) for c, s, n in zip((y, x), size_inplane, info.shape[1:])]
-        if self.spatial_dims == 2:
-            zs = np.clip(np.arange(z - self.k // 2, z - self.k // 2 + self.k), 0, info.shape[0] - 1)
-            z0 = int(zs.min())
-            return [z0] + lo_inplane, [int(zs.max()) + 1 - z0] + size_inplane, zs - z0
-        pz = int(math.ceil(self.patch_size[0] * scale))
-        return [_box_start(z, pz, info.shape[0])] + lo_inplane, [pz] + size_inplane, None
-
     def read_labelled(self, case: str, center: Sequence[int]) -> Dict[str, np.ndarray]:
         """Every sequence (missing ones 0) and the class-index label map of one box."""
         info = self.store.cases[case]
-        lo, size, idx = self._box(case, center)
+        lo, size, idx = self.box(case, center)
         n = int(info.data.shape[0])
         lab = read_box(info.seg, 0, lo, size, fill=0)
         lab = self.label_lut[np.clip(np.rint(lab).astype(np.int64), 0, len(self.label_lut) - 1)]
