@@ -196,5 +196,11 @@ def test_term_switches_scale_when_the_time_budget_shortens_the_run(vq_run, caplo
     assert [trainer.start_epoch(k) for k in ("contrastive_start_epoch", "vqc_start_epoch",
                                              "augmentation_start_epoch")] == [1, 2, 2]
     assert "contrastive from epoch 1, VQC sampling from epoch 2" in caplog.text
-    trainer.num_epochs = 3             # 5 * 3 / 50 rounds to 0: still not before epoch 1
-    assert [trainer.start_epoch(k) for k in ("contrastive_start_epoch", "vqc_start_epoch")] == [1, 1]
+    trainer.num_epochs = 12            # 5 * 12 / 50 rounds to 1, 10 * 12 / 50 to 2
+    assert [trainer.start_epoch(k) for k in ("contrastive_start_epoch", "vqc_start_epoch")] == [1, 2]
+    trainer.num_epochs = 3             # too short a run: the planned starts stay (the terms stay off)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        trainer.on_schedule_fitted()
+    assert [trainer.start_epoch(k) for k in ("contrastive_start_epoch", "vqc_start_epoch")] == [5, 10]
+    assert "too few to scale" in caplog.text
