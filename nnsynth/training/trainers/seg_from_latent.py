@@ -476,19 +476,11 @@ class SegFromLatentTrainer(SegmentationTrainerBase):
     def find_latent_checkpoint(self) -> Path:
         """The synthesis model whose latent space is used: a checkpoint path, a trainer name, or (None)
         vq_seq2seq then seq2seq, in this dataset's results with the same plans, configuration and fold."""
-        from nnsynth.training.trainers.tsf_seq2seq import pretrained_checkpoint_path
-        spec = self.latent_from
-        if spec and (Path(spec).is_file() or str(spec).endswith(".pth")):
-            if not Path(spec).is_file():
-                raise NnsynthError(f"--latent-from {spec}: no such checkpoint file")
-            return Path(spec)
-        names = (spec,) if spec else LATENT_SEARCH_ORDER
-        for name in names:
-            path = pretrained_checkpoint_path(self.output_folder, self.fold, name)
-            if path is not None:
-                return path
-        suffix = self.output_folder.name.split("__", 1)[-1]
-        looked = ", ".join(str(self.output_folder.parent / f"{n}__{suffix}" / f"fold_{self.fold}") for n in names)
+        from nnsynth.training.trainers.tsf_seq2seq import find_trained_checkpoint
+        path, names, looked = find_trained_checkpoint(self.output_folder, self.fold, self.latent_from,
+                                                      LATENT_SEARCH_ORDER, "--latent-from")
+        if path is not None:
+            return path
         raise NnsynthError(f"seg_from_latent needs a trained {' or '.join(names)} of the same dataset, plans, "
                            f"configuration and fold (looked in {looked}). Train one first, e.g. nnsynth_train "
                            f"{self.output_folder.parent.name} {names[0]} {self.fold} -c {self.configuration_name}, "

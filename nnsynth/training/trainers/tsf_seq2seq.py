@@ -60,6 +60,24 @@ def pretrained_checkpoint_path(output_folder: Path, fold: Union[int, str], train
     return None
 
 
+def find_trained_checkpoint(output_folder: Path, fold: Union[int, str], spec: Optional[str],
+                            search_order: Tuple[str, ...], option: str) -> Tuple[Optional[Path], Tuple[str, ...], str]:
+    """Resolve ``--pretrained-from`` / ``--latent-from``: a checkpoint path, a trainer name, or (None) the first of
+    ``search_order`` trained beside ``output_folder``. Returns (path or None, names tried, folders looked in)."""
+    if spec and (Path(spec).is_file() or str(spec).endswith(".pth")):
+        if not Path(spec).is_file():
+            raise NnsynthError(f"{option} {spec}: no such checkpoint file")
+        return Path(spec), (str(spec),), str(spec)
+    names = (spec,) if spec else tuple(search_order)
+    for name in names:
+        path = pretrained_checkpoint_path(output_folder, fold, name)
+        if path is not None:
+            return path, names, ""
+    suffix = output_folder.name.split("__", 1)[-1]
+    looked = ", ".join(str(output_folder.parent / f"{n}__{suffix}" / f"fold_{fold}") for n in names)
+    return None, names, looked
+
+
 def contribution_tasks(num_sequences: int) -> List[Tuple[Tuple[int, ...], int]]:
     """Every (non-empty source subset, target not in it), subsets ordered by size then index."""
     tasks = []
@@ -85,19 +103,11 @@ class TSFSeq2SeqTrainer(TrainingEngine):
     # ----- set-up -------------------------------------------------------------------------------------------
     def find_pretrained(self) -> Path:
         """The backbone checkpoint: a path, a trainer name, or (None) seq2seq then vq_seq2seq."""
-        spec = self.pretrained_from
-        if spec and (Path(spec).is_file() or str(spec).endswith(".pth")):
-            if not Path(spec).is_file():
-                raise NnsynthError(f"--pretrained-from {spec}: no such checkpoint file")
-            return Path(spec)
-        names = (spec,) if spec else TSF_PRETRAINED_SEARCH_ORDER
-        for name in names:
-            path = pretrained_checkpoint_path(self.output_folder, self.fold, name)
-            if path is not None:
-                return path
+        path, names, looked = find_trained_checkpoint(self.output_folder, self.fold, self.pretrained_from,
+                                                      TSF_PRETRAINED_SEARCH_ORDER, "--pretrained-from")
+        if path is not None:
+            return path
         dataset = self.output_folder.parent.name
-        suffix = self.output_folder.name.split("__", 1)[-1]
-        looked = ", ".join(str(self.output_folder.parent / f"{n}__{suffix}" / f"fold_{self.fold}") for n in names)
         raise NnsynthError(f"tsf_seq2seq starts from a trained {' or '.join(names)} of the same dataset, fold and "
                            f"configuration, but none was found (looked in {looked}). Train one first, e.g. "
                            f"nnsynth_train {dataset} {names[0]} {self.fold} -c {self.configuration_name}")
