@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -27,8 +26,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_unpaired_chain import (common_parser, load_predictor, make_dataset, plan_and_preprocess,  # noqa: E402
-                                  set_folders, short_run_schedule, summarise, test_cases, train)
+from bench_unpaired_chain import (common_parser, load_predictor, prepare_and_train, summarise,  # noqa: E402
+                                  test_cases)
 
 logger = logging.getLogger("bench")
 
@@ -107,13 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--noise-sigma", type=float, default=0.1)
     p.add_argument("--bias-alpha", type=float, default=2.0)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    os.environ.setdefault("NNSYNTH_NO_TQDM", "1")
     workdir = Path(args.workdir)
-    set_folders(workdir)
-    raw = make_dataset(DATASET_ID, DATASET_NAME, "random", args)
-    plan_and_preprocess(DATASET_ID, args, lambda pl: short_run_schedule(pl, args))
-    times = {t: train(DATASET_ID, t, args) for t in args.trainers}
+    raw, times = prepare_and_train(args, DATASET_ID, DATASET_NAME, "random")
     results = evaluate(DATASET_ID, raw, args.trainers, args.device, args.noise_sigma, args.bias_alpha)
     out = {"benchmark": "anti-interference", "args": vars(args), "train_seconds": times, "results": results}
     (workdir / "results.json").write_text(json.dumps(out, indent=2))

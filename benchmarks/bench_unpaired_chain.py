@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -182,15 +182,22 @@ def common_parser(description: str, default_workdir: str) -> argparse.ArgumentPa
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = common_parser(__doc__.splitlines()[0], "/tmp/nnsynth_bench_chain").parse_args(argv)
+def prepare_and_train(args: argparse.Namespace, dataset_id: int, name: str, pairing: str
+                      ) -> Tuple[Path, Dict[str, float]]:
+    """Shared by the benchmarks: logging, folders under --workdir, the demo dataset with ``pairing``, plans with
+    the short-run schedule, then every trainer of --trainers. Returns (raw dataset folder, training seconds)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("NNSYNTH_NO_TQDM", "1")
+    set_folders(Path(args.workdir))
+    raw = make_dataset(dataset_id, name, pairing, args)
+    plan_and_preprocess(dataset_id, args, lambda p: short_run_schedule(p, args))
+    return raw, {t: train(dataset_id, t, args) for t in args.trainers}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = common_parser(__doc__.splitlines()[0], "/tmp/nnsynth_bench_chain").parse_args(argv)
     workdir = Path(args.workdir)
-    set_folders(workdir)
-    raw = make_dataset(DATASET_ID, DATASET_NAME, "chain", args)
-    plan_and_preprocess(DATASET_ID, args, lambda p: short_run_schedule(p, args))
-    times = {t: train(DATASET_ID, t, args) for t in args.trainers}
+    raw, times = prepare_and_train(args, DATASET_ID, DATASET_NAME, "chain")
     results = evaluate_chain(DATASET_ID, raw, args.trainers, args.device)
     out = {"benchmark": "unpaired chain", "args": vars(args), "train_seconds": times, "results": results}
     (workdir / "results.json").write_text(json.dumps(out, indent=2))

@@ -26,7 +26,8 @@ from nnsynth.exceptions import NnsynthError, PlansError
 from nnsynth.preprocessing.storage import list_cases, load_case
 from nnsynth.training import checkpointing as ckpt
 from nnsynth.training import distributed as dist_utils
-from nnsynth.training.dataloading import (CaseStore, SynthesisSampler, build_augmentation, fixed_validation_batches,
+from nnsynth.training.dataloading import (INTENSITY_AUGMENTATION_OFF, CaseStore, MultiSequenceSampler,
+                                          SynthesisSampler, build_augmentation, fixed_validation_batches,
                                           make_training_iterator)
 from nnsynth.training.progress import plot_progress, save_preview
 from nnsynth.training.schedules import WARMUP_MAX_FRACTION, WarmupSchedule
@@ -162,10 +163,7 @@ class TrainingEngine:
         self.case_store = CaseStore(data_folder, sorted(set(self.train_cases) | set(self.val_cases)))
         patch = [int(p) for p in self.config["patch_size"]]
         batch_size = int(self.config.get("batch_size", 2))
-        transform = build_augmentation(patch, self.spatial_dims, self.config.get("augmentation"))
-        self.sampler = SynthesisSampler(self.case_store, self.train_cases, patch, self.spatial_dims,
-                                        self.num_adjacent_slices, batch_size, seed=self.seed + 7919 * self.rank,
-                                        transform=transform)
+        self.sampler = self.build_sampler()
         self.val_batches = fixed_validation_batches(self.case_store, self.val_cases, patch, self.spatial_dims,
                                                     self.num_adjacent_slices, batch_size,
                                                     int(self.training["val_iters"]), VALIDATION_SEED)
@@ -186,6 +184,25 @@ class TrainingEngine:
             self.train_network = torch.compile(self.train_network)
         self.train_iter = make_training_iterator(self.sampler, int(self.training["num_workers"]))
         self.was_initialized = True
+
+    def build_sampler(self) -> SynthesisSampler:
+        """The training sampler (hook): (source, target) pairs with the plans' augmentation by default."""
+        patch = [int(p) for p in self.config["patch_size"]]
+        transform = build_augmentation(patch, self.spatial_dims, self.config.get("augmentation"))
+        return SynthesisSampler(self.case_store, self.train_cases, patch, self.spatial_dims, self.num_adjacent_slices,
+                                int(self.config.get("batch_size", 2)), seed=self.seed + 7919 * self.rank,
+                                transform=transform)
+
+    def multi_sequence_sampler(self, min_available: int = 1) -> MultiSequenceSampler:
+        """Every sequence of a case per sample (for trainers whose sequences are sources and targets at once):
+        spatial augmentation only, cases with at least ``min_available`` sequences."""
+        patch = [int(p) for p in self.config["patch_size"]]
+        aug = {**(self.config.get("augmentation") or {}), **INTENSITY_AUGMENTATION_OFF}
+        return MultiSequenceSampler(self.case_store, self.train_cases, patch, self.spatial_dims,
+                                    self.num_adjacent_slices, int(self.config.get("batch_size", 2)),
+                                    seed=self.seed + 7919 * self.rank,
+                                    transform=build_augmentation(patch, self.spatial_dims, aug),
+                                    min_available=min_available)
 
     def build_perceptual_loss(self, weight: float) -> Optional[nn.Module]:
         """The perceptual (LPIPS-style) loss on the training device, or None when its weight is 0 or no local

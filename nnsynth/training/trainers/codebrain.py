@@ -34,7 +34,7 @@ from nnsynth.exceptions import NnsynthError
 from nnsynth.losses.codebrain import (SequencePatchDiscriminator, grading_loss, lsgan_discriminator_loss,
                                       lsgan_generator_loss, weighted_psnr_loss)
 from nnsynth.training import checkpointing as ckpt
-from nnsynth.training.dataloading import SynthesisSampler, build_augmentation, make_training_iterator
+from nnsynth.training.dataloading import SynthesisSampler, build_augmentation
 from nnsynth.training.engine import FULL_VOLUME_SLICE_BATCH, TrainingEngine
 from nnsynth.utils.files import save_json
 
@@ -171,25 +171,28 @@ class CodeBrainTrainer(TrainingEngine):
         logger.info("Stage II: stage I loaded from %s and frozen", path)
         return net
 
+    def build_sampler(self) -> "StackSampler":
+        """All sequences of a case as one zero-filled stack; no noise augmentation (the image is also the target,
+        so noise would have to be reproduced)."""
+        patch = [int(p) for p in self.config["patch_size"]]
+        aug = {**(self.config.get("augmentation") or {}), "p_noise": 0.0}
+        return StackSampler(self.case_store, self.train_cases, patch, self.spatial_dims, self.num_adjacent_slices,
+                            int(self.config.get("batch_size", 2)), seed=self.seed + 7919 * self.rank,
+                            transform=build_augmentation(patch, self.spatial_dims, aug),
+                            num_sequences=len(self.sequences))
+
     def initialize(self) -> None:
         if self.was_initialized:
             return
         super().initialize()
         patch = [int(p) for p in self.config["patch_size"]]
         batch_size = int(self.config.get("batch_size", 2))
-        aug = dict(self.config.get("augmentation") or {})
-        aug["p_noise"] = 0.0  # the image is also the target: noise would have to be reproduced
-        transform = build_augmentation(patch, self.spatial_dims, aug)
         n = len(self.sequences)
-        self.sampler = StackSampler(self.case_store, self.train_cases, patch, self.spatial_dims,
-                                    self.num_adjacent_slices, batch_size, seed=self.seed + 7919 * self.rank,
-                                    transform=transform, num_sequences=n)
         from nnsynth.training.engine import VALIDATION_SEED
         val_sampler = StackSampler(self.case_store, self.val_cases, patch, self.spatial_dims,
                                    self.num_adjacent_slices, batch_size, VALIDATION_SEED, transform=None,
                                    oversample_foreground=1.0, num_sequences=n)
         self.val_batches = fixed_stack_batches(val_sampler, int(self.training["val_iters"]))
-        self.train_iter = make_training_iterator(self.sampler, int(self.training["num_workers"]))
         if self.stage == 1 and float(self.loss_cfg["lambda_adv"]) > 0:
             self.discriminator = SequencePatchDiscriminator(self.num_adjacent_slices, n,
                                                             self.spatial_dims).to(self.device)

@@ -38,7 +38,8 @@ from nnsynth.training import checkpointing as ckpt
 from nnsynth.training import distributed as dist_utils
 from nnsynth.training.dataloading import DEFAULT_OVERSAMPLE_FOREGROUND, build_augmentation, read_box
 from nnsynth.training.engine import VALIDATION_SEED, TrainingEngine
-from nnsynth.training.trainers.vq_seq2seq import MultiSequenceSampler, apply_optimizer_defaults
+from nnsynth.training.dataloading import MultiSequenceSampler
+from nnsynth.training.trainers.vq_seq2seq import apply_optimizer_defaults
 from nnsynth.utils.files import load_json, save_json
 
 logger = logging.getLogger(__name__)
@@ -239,6 +240,13 @@ class SegmentationTrainerBase(TrainingEngine):
                                    oversample_tumour=float(self.loss_cfg["oversample_tumour"]),
                                    oversample_foreground=DEFAULT_OVERSAMPLE_FOREGROUND if train else 1.0)
 
+    def build_sampler(self) -> SegmentationSampler:
+        """Patches of the chosen labelled cases only (chosen here: the engine builds the sampler once)."""
+        self.labelled_cases = self.choose_labelled_cases()
+        logger.info("%s: %d labelled case(s): %s (classes %s from dataset.json labels)", self.trainer_name,
+                    len(self.labelled_cases), ", ".join(self.labelled_cases), self.labels)
+        return self._sampler(self.labelled_cases, True, self.seed + 7919 * self.rank)
+
     def initialize(self) -> None:
         if self.was_initialized:
             return
@@ -249,12 +257,6 @@ class SegmentationTrainerBase(TrainingEngine):
         super().initialize()
         from nnsynth.losses.segmentation import DiceCELoss
         from nnsynth.preprocessing.storage import load_properties
-        from nnsynth.training.dataloading import make_training_iterator
-        self.labelled_cases = self.choose_labelled_cases()
-        logger.info("%s: %d labelled case(s): %s (classes %s from dataset.json labels)", self.trainer_name,
-                    len(self.labelled_cases), ", ".join(self.labelled_cases), self.labels)
-        self.sampler = self._sampler(self.labelled_cases, True, self.seed + 7919 * self.rank)
-        self.train_iter = make_training_iterator(self.sampler, int(self.training["num_workers"]))
         self.seg_val_cases = [c for c in self.val_cases if c not in self.labelled_cases and c in self.case_store.cases
                               and load_properties(self.data_folder, c).get("has_label")]
         self.val_batches = []

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnsynth.training.dataloading import SynthesisSampler
 from nnsynth.training.engine import TrainingEngine
 
 logger = logging.getLogger(__name__)
@@ -97,18 +98,12 @@ class Seq2SeqTrainer(TrainingEngine):
         if self.lambda_cycle > 0:
             logger.info("Cycle-consistency term on, weight %s", self.lambda_cycle)
         if self.multi_source:
-            from nnsynth.training.dataloading import (INTENSITY_AUGMENTATION_OFF, MultiSequenceSampler,
-                                                      build_augmentation, make_training_iterator)
-            patch = [int(p) for p in self.config["patch_size"]]
-            # every sequence of a sample may be a source or the target: spatial augmentation only
-            aug = {**(self.config.get("augmentation") or {}), **INTENSITY_AUGMENTATION_OFF}
-            self.sampler = MultiSequenceSampler(self.case_store, self.train_cases, patch, self.spatial_dims,
-                                                self.num_adjacent_slices, int(self.config.get("batch_size", 2)),
-                                                seed=self.seed + 7919 * self.rank,
-                                                transform=build_augmentation(patch, self.spatial_dims, aug))
-            self.train_iter = make_training_iterator(self.sampler, int(self.training["num_workers"]))
             logger.info("Multi-source training: sources are random subsets of each case's sequences, fused by "
                         "the mean of their encodings")
+
+    def build_sampler(self) -> SynthesisSampler:
+        """Multi-source training needs every sequence of a case per sample; else the engine's pair sampler."""
+        return self.multi_sequence_sampler(1) if self.multi_source else super().build_sampler()
 
     @staticmethod
     def draw_multi_source(available: torch.Tensor, generator: Optional[torch.Generator] = None

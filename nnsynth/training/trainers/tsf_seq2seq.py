@@ -31,8 +31,8 @@ from torch import nn
 from nnsynth.exceptions import NnsynthError
 from nnsynth.training import checkpointing as ckpt
 from nnsynth.training.engine import TrainingEngine
-from nnsynth.training.trainers.vq_seq2seq import (INTENSITY_AUGMENTATION_OFF, MultiSequenceSampler,
-                                                  apply_optimizer_defaults)
+from nnsynth.training.dataloading import MultiSequenceSampler
+from nnsynth.training.trainers.vq_seq2seq import apply_optimizer_defaults
 from nnsynth.utils.files import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -166,20 +166,10 @@ class TSFSeq2SeqTrainer(TrainingEngine):
         if self.was_initialized:
             return
         super().initialize()
-        self.sampler = self._tsf_sampler()
-        from nnsynth.training.dataloading import make_training_iterator
-        self.train_iter = make_training_iterator(self.sampler, int(self.training["num_workers"]))
         self.perceptual = self.build_perceptual_loss(float(self.loss_cfg["lambda_perceptual"]))
 
-    def _tsf_sampler(self) -> MultiSequenceSampler:
-        from nnsynth.training.dataloading import build_augmentation
-        patch = [int(p) for p in self.config["patch_size"]]
-        # intensity transforms would hit the targets too here: keep the spatial part only
-        aug = {**(self.config.get("augmentation") or {}), **INTENSITY_AUGMENTATION_OFF}
-        transform = build_augmentation(patch, self.spatial_dims, aug)
-        return MultiSequenceSampler(self.case_store, self.train_cases, patch, self.spatial_dims,
-                                    self.num_adjacent_slices, int(self.config.get("batch_size", 2)),
-                                    seed=self.seed + 7919 * self.rank, transform=transform, min_available=2)
+    def build_sampler(self) -> MultiSequenceSampler:
+        return self.multi_sequence_sampler(2)   # a task needs a target and at least one other sequence
 
     # ----- training -----------------------------------------------------------------------------------------
     @staticmethod

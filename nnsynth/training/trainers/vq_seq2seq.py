@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnsynth.exceptions import NnsynthError, PlansError
-from nnsynth.training.dataloading import (INTENSITY_AUGMENTATION_OFF, MultiSequenceSampler,  # noqa: F401 (re-export)
-                                          build_augmentation)
+from nnsynth.training.dataloading import MultiSequenceSampler
 from nnsynth.training.engine import TrainingEngine
 
 logger = logging.getLogger(__name__)
@@ -106,14 +105,8 @@ class VQSeq2SeqTrainer(TrainingEngine):
         return VQSeq2SeqNet(len(self.sequences), self.num_adjacent_slices, self.spatial_dims, self.config["network"],
                             self.config.get("vq", {}))
 
-    def _multi_sampler(self, min_available: int) -> MultiSequenceSampler:
-        patch = [int(p) for p in self.config["patch_size"]]
-        aug = {**(self.config.get("augmentation") or {}), **INTENSITY_AUGMENTATION_OFF}
-        transform = build_augmentation(patch, self.spatial_dims, aug)
-        return MultiSequenceSampler(self.case_store, self.train_cases, patch, self.spatial_dims,
-                                    self.num_adjacent_slices, int(self.config.get("batch_size", 2)),
-                                    seed=self.seed + 7919 * self.rank, transform=transform,
-                                    min_available=min_available)
+    def build_sampler(self) -> MultiSequenceSampler:
+        return self.multi_sequence_sampler(1)
 
     def initialize(self) -> None:
         if self.was_initialized:
@@ -122,9 +115,6 @@ class VQSeq2SeqTrainer(TrainingEngine):
             raise NnsynthError(f"{self.trainer_name} does not support --num-gpus > 1 yet (its loss calls the "
                                "network's parts directly, which DDP cannot synchronise); train on one device")
         super().initialize()
-        self.sampler = self._multi_sampler(1)
-        from nnsynth.training.dataloading import make_training_iterator
-        self.train_iter = make_training_iterator(self.sampler, int(self.training["num_workers"]))
         from nnsynth.losses.contrastive import LatentConsistencyLoss
         from nnsynth.losses.ssim import SSIMLoss
         from nnsynth.training.augmentation_domain import DomainAugmenter
