@@ -75,6 +75,8 @@ def short_run_schedule(plans: Dict[str, Any], args: argparse.Namespace) -> None:
         loss.update({"contrastive_start_epoch": args.contrastive_start, "vqc_start_epoch": args.vqc_start,
                      "augmentation_start_epoch": args.vqc_start})
         cfg.setdefault("training", {})["warmup_iters"] = args.warmup   # the planner's 100+ would eat a short budget
+        # VQ-Seq2Seq has no skip connections; by default seq2seq is compared as the same (paper) backbone
+        cfg["network"]["skip_connections"] = bool(args.seq2seq_skips)
         if args.batch_size:
             cfg["batch_size"] = args.batch_size
 
@@ -179,6 +181,9 @@ def common_parser(description: str, default_workdir: str) -> argparse.ArgumentPa
     p.add_argument("--vqc-start", type=int, default=2, help="vq_seq2seq: epoch VQC sampling + domain aug start")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trainers", nargs="+", default=["seq2seq", "vq_seq2seq"])
+    p.add_argument("--seq2seq-skips", action="store_true",
+                   help="give seq2seq the skip connections of nnsynth's default plans (default: the paper's network, "
+                        "the backbone vq_seq2seq shares)")
     return p
 
 

@@ -1,7 +1,9 @@
 """Voxelwise intensity-lookup baseline for synthesis: the bar a learned model has to clear.
 
 Learned on the training cases (``imagesTr``): every source image is mapped to [0, 1] inside the case's
-nonzero mask by its own 0.5/99.5 percentiles, quantised into ``bins`` levels, and each cell of the joint
+nonzero mask (``--normalization percentile_clip``: by its own 0.5/99.5 percentiles, the issue's original
+baseline; ``median_anchor``: nnsynth's default scheme, ratios learned from the training cases, see
+``nnsynth/preprocessing/normalization.py``), quantised into ``bins`` levels, and each cell of the joint
 source quantisation (3 sources x 16 bins = 4096 cells) stores the mean normalised target intensity.
 Cells never seen in training fall back to coarser grids (8, 4, 2 bins per source), then the global mean.
 Applied to held-out cases (default ``imagesTs_truth``, which holds every sequence), scored per CONTRACT.md
@@ -22,7 +24,8 @@ import numpy as np
 
 from nnsynth.dataset.io import read_image
 from nnsynth.evaluation.metrics import compute_metrics
-from nnsynth.preprocessing.normalization import normalize, percentile_bounds
+from nnsynth.preprocessing.normalization import (NORMALIZATION_SCHEME, anchor_statistics, case_bounds, normalize,
+                                                 plan_normalization)
 
 logger = logging.getLogger("nnsynth.benchmarks.lookup")
 LEVELS = (16, 8, 4, 2)
@@ -33,7 +36,8 @@ def _channel_ids(folder: Path) -> Tuple[Dict[str, str], str]:
     return {name: f"{int(cid):04d}" for cid, name in spec["channel_names"].items()}, spec["file_ending"]
 
 
-def load_cases(image_folder: Path, names: Sequence[str], ids: Dict[str, str], ending: str) -> Dict[str, List[np.ndarray]]:
+def load_cases(image_folder: Path, names: Sequence[str], ids: Dict[str, str], ending: str,
+               scheme: Optional[Dict[str, object]] = None) -> Dict[str, List[np.ndarray]]:
     """{case: [normalised image per name]} for cases that have every requested sequence."""
     cases: Dict[str, List[np.ndarray]] = {}
     stems = sorted({p.name[: -len(ending) - 5] for p in image_folder.glob(f"*{ending}")})
@@ -44,8 +48,8 @@ def load_cases(image_folder: Path, names: Sequence[str], ids: Dict[str, str], en
         images = [read_image(f)[0].astype(np.float32) for f in files]
         mask = np.any([im != 0 for im in images], axis=0)
         out = []
-        for im in images:
-            lo, hi = percentile_bounds(im[mask])
+        for name, im in zip(names, images):
+            lo, hi = case_bounds(im[mask], name, scheme)
             out.append(normalize(im, mask, lo, hi))
         cases[case] = out
     return cases
@@ -90,10 +94,25 @@ class IntensityLookup:
         return out
 
 
-def run(raw: Path, sources: Sequence[str], target: str, test_folder: Optional[str] = None) -> Dict[str, object]:
+def learn_scheme(folder: Path, names: Sequence[str], ids: Dict[str, str], ending: str,
+                 normalization: str) -> Dict[str, object]:
+    """The normalisation scheme: per-image percentiles, or median_anchor with ratios from ``folder``'s images."""
+    if normalization == "percentile_clip":
+        return dict(NORMALIZATION_SCHEME)
+    stats = []
+    for case_file in sorted(folder.glob(f"*{ending}")):
+        name = next((n for n in names if case_file.name.endswith(f"_{ids[n]}{ending}")), None)
+        if name is not None:
+            stats.append({name: anchor_statistics(read_image(case_file)[0])})
+    return plan_normalization(stats, names)
+
+
+def run(raw: Path, sources: Sequence[str], target: str, test_folder: Optional[str] = None,
+        normalization: str = "percentile_clip") -> Dict[str, object]:
     ids, ending = _channel_ids(raw)
     names = list(sources) + [target]
-    train = load_cases(raw / "imagesTr", names, ids, ending)
+    scheme = learn_scheme(raw / "imagesTr", names, ids, ending, normalization)
+    train = load_cases(raw / "imagesTr", names, ids, ending, scheme)
     if not train:
         raise SystemExit(f"No training case in {raw / 'imagesTr'} has all of {names}")
     pairs = []
@@ -102,7 +121,7 @@ def run(raw: Path, sources: Sequence[str], target: str, test_folder: Optional[st
         pairs.append((imgs[:-1], imgs[-1], mask))
     model = IntensityLookup().fit(pairs)
     folder = raw / (test_folder or ("imagesTs_truth" if (raw / "imagesTs_truth").is_dir() else "imagesTs"))
-    test = load_cases(folder, names, ids, ending)
+    test = load_cases(folder, names, ids, ending, scheme)
     per_case = []
     for case, imgs in sorted(test.items()):
         mask = np.any([im != 0 for im in imgs[:-1]], axis=0)
@@ -111,7 +130,8 @@ def run(raw: Path, sources: Sequence[str], target: str, test_folder: Optional[st
         m = compute_metrics(ref, pred, None, compute_lpips=False)
         per_case.append({"case": case, **{k: float(m[k]) for k in ("psnr", "ssim", "mae")}})
     mean = {k: float(np.mean([r[k] for r in per_case])) for k in ("psnr", "ssim", "mae")} if per_case else {}
-    return {"method": "intensity lookup (16 bins per source)", "sources": list(sources), "target": target,
+    return {"method": "intensity lookup (16 bins per source)", "normalization": normalization,
+            "sources": list(sources), "target": target,
             "train_cases": len(train), "test_folder": folder.name, "mean": mean, "per_case": per_case}
 
 
@@ -121,9 +141,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--sources", nargs="+", default=["T1", "T1Gd", "T2"])
     p.add_argument("--target", default="Flair")
     p.add_argument("--test-folder", default=None, help="default: imagesTs_truth if present, else imagesTs")
+    p.add_argument("--normalization", choices=("percentile_clip", "median_anchor"), default="percentile_clip")
     p.add_argument("-o", "--output", type=Path, default=None, help="write the result JSON here")
     a = p.parse_args(argv)
-    result = run(a.raw_dataset, a.sources, a.target, a.test_folder)
+    result = run(a.raw_dataset, a.sources, a.target, a.test_folder, a.normalization)
     text = json.dumps(result, indent=2)
     if a.output:
         a.output.write_text(text + "\n")

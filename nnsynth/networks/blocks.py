@@ -138,10 +138,47 @@ class HyperUpBlock(nn.Module):
         return self.conv(x, code)
 
 
+def space_to_depth(x: Tensor, factor: int) -> Tensor:
+    """(B, C, *S) -> (B, C * factor**d, *S / factor): every factor^d block of voxels becomes channels (2D or 3D).
+
+    Linear and position-wise, so averaging or weighting several maps commutes with it; ``depth_to_space``
+    inverts it exactly."""
+    if factor == 1:
+        return x
+    b, c, *size = x.shape
+    if any(s % factor for s in size):
+        raise ValueError(f"space_to_depth needs sizes divisible by {factor}, got {tuple(size)}")
+    d = len(size)
+    split = [b, c]
+    for s in size:
+        split += [s // factor, factor]
+    x = x.reshape(split)
+    # (B, C, s1, f, s2, f, ...) -> (B, C, f, f, ..., s1, s2, ...)
+    order = [0, 1] + [3 + 2 * i for i in range(d)] + [2 + 2 * i for i in range(d)]
+    return x.permute(order).reshape([b, c * factor ** d] + [s // factor for s in size])
+
+
+def depth_to_space(x: Tensor, factor: int) -> Tensor:
+    """Inverse of ``space_to_depth``: (B, C * factor**d, *S) -> (B, C, *S * factor)."""
+    if factor == 1:
+        return x
+    b, cf, *size = x.shape
+    d = len(size)
+    c = cf // factor ** d
+    if c * factor ** d != cf:
+        raise ValueError(f"depth_to_space needs channels divisible by {factor ** d}, got {cf}")
+    x = x.reshape([b, c] + [factor] * d + list(size))
+    # (B, C, f, f, ..., s1, s2, ...) -> (B, C, s1, f, s2, f, ...)
+    order = [0, 1]
+    for i in range(d):
+        order += [2 + d + i, 2 + i]
+    return x.permute(order).reshape([b, c] + [s * factor for s in size])
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable) parameters of a module."""
     return int(sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only))
 
 
 __all__ = ["ConvNormAct", "ResBlock", "HyperConvNormAct", "HyperResBlock", "HyperUpBlock", "conv_nd", "norm_nd",
-           "count_parameters", "NORM_CHOICES"]
+           "space_to_depth", "depth_to_space", "count_parameters", "NORM_CHOICES"]

@@ -5,7 +5,15 @@ with a Tanh at the end as the paper does. 2.5D: ``in_channels`` = k adjacent sli
 is the same k slices of the target sequence. 3D: ``spatial_dims=3`` and ``in_channels=1``.
 
 ``encode`` and ``decode`` are separate so that VQ-Seq2Seq can quantise between them and TSF-Seq2Seq can fuse
-several encodings before decoding. Sizes that are not multiples of the down-sampling factor are padded with
+several encodings before decoding.
+
+Skip connections (plans ``network.skip_connections``; off in the paper, on in nnsynth's default plans): the
+encoder's higher-resolution feature maps reach the decoder level of the same resolution, where they are
+concatenated with the upsampled features and mixed by one more HyperConv. Without them every detail has to
+pass the 4x down-sampled bottleneck, which a short training run does not learn (blurry outputs, see
+documentation/benchmarks.md). So that fusion code keeps working on one tensor, the skip maps travel inside the
+encoding: each is folded to the bottleneck resolution (``space_to_depth``, a reshape) and stacked after the
+bottleneck channels. Averaging or weighting encodings therefore averages or weights every skip map the same way. Sizes that are not multiples of the down-sampling factor are padded with
 background (0) by ``encode`` and cropped back by ``decode(..., output_size=...)`` / ``forward``.
 """
 from __future__ import annotations
@@ -19,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nnsynth.exceptions import PlansError
-from nnsynth.networks.blocks import ConvNormAct, HyperResBlock, HyperUpBlock, ResBlock, count_parameters
+from nnsynth.networks.blocks import (ConvNormAct, HyperConvNormAct, HyperResBlock, HyperUpBlock, ResBlock,
+                                     count_parameters, depth_to_space, space_to_depth)
 from nnsynth.networks.hyperconv import HyperConv
 
 logger = logging.getLogger(__name__)
@@ -40,6 +49,8 @@ DEFAULT_SEQ2SEQ_NETWORK: Dict[str, Any] = {
     "upsample_mode": "nearest",      # 'nearest' or 'linear' (bi/trilinear)
     "hyper_mlp_hidden": 64,          # hidden width of the HyperConv code MLP (0/None: a single Linear)
     "res_kernel_size": 3,            # kernel of the (hyper) residual blocks
+    "skip_connections": False,       # encoder -> decoder skips at every resolution (not in the paper)
+    "source_conditioning": False,    # the encoder's first conv is a HyperConv on the source's code (not in the paper)
 }
 # small init of the last HyperConv so the Tanh starts in its linear range, not saturated
 FINAL_LAYER_INIT_GAIN = 0.5
@@ -73,6 +84,9 @@ def resolve_network_config(network: Mapping[str, Any]) -> Dict[str, Any]:
             problems.append(f"{key} must be >= 0, got {cfg[key]}")
     if int(cfg["hyper_bank_size"]) < 1 or int(cfg["code_length"]) < 1:
         problems.append("hyper_bank_size and code_length must be >= 1")
+    for key in ("skip_connections", "source_conditioning"):
+        if not isinstance(cfg[key], bool):
+            problems.append(f"{key} must be true or false, got {cfg[key]!r}")
     if int(cfg["res_kernel_size"]) % 2 == 0:
         problems.append(f"res_kernel_size must be odd, got {cfg['res_kernel_size']}")
     if problems:
@@ -98,16 +112,34 @@ class Encoder(nn.Module):
         super().__init__()
         chans, kernels = cfg["encoder_channels"], cfg["encoder_kernel_sizes"]
         common = dict(norm=cfg["norm"], negative_slope=cfg["negative_slope"], padding_mode=cfg["padding_mode"])
-        layers: List[nn.Module] = [ConvNormAct(spatial_dims, in_channels, chans[0], kernels[0], 1, **common)]
+        self.source_conditioning = bool(cfg["source_conditioning"])
+        stem: nn.Module
+        if self.source_conditioning:
+            stem = HyperConvNormAct(spatial_dims, in_channels, chans[0], kernels[0], cfg["code_length"],
+                                    cfg["hyper_bank_size"], mlp_hidden=cfg["hyper_mlp_hidden"], **common)
+        else:
+            stem = ConvNormAct(spatial_dims, in_channels, chans[0], kernels[0], 1, **common)
+        layers: List[nn.Module] = [stem]
         for i in range(1, len(chans)):
             layers.append(ConvNormAct(spatial_dims, chans[i - 1], chans[i], kernels[i], 2, **common))
         for _ in range(cfg["num_res_blocks"]):
             layers.append(ResBlock(spatial_dims, chans[-1], cfg["res_kernel_size"], **common))
         self.layers = nn.Sequential(*layers)
         self.out_channels = chans[-1]
+        self.num_levels = len(chans)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x)
+    def forward(self, x: Tensor, code: Optional[Tensor] = None) -> Tensor:
+        return self.forward_with_skips(x, code)[0]
+
+    def forward_with_skips(self, x: Tensor, code: Optional[Tensor] = None) -> Tuple[Tensor, List[Tensor]]:
+        """Bottleneck features and the output of every level above it (full resolution first). ``code`` is the
+        source sequence's code, needed (only) with ``source_conditioning``."""
+        skips: List[Tensor] = []
+        for i, layer in enumerate(self.layers):
+            x = layer(x, code) if (i == 0 and self.source_conditioning) else layer(x)
+            if i < self.num_levels - 1:
+                skips.append(x)
+        return x, skips
 
 
 class HyperDecoder(nn.Module):
@@ -132,14 +164,38 @@ class HyperDecoder(nn.Module):
         self.final = HyperConv(chans[0], out_channels, kernels[0], cfg["code_length"], spatial_dims=spatial_dims,
                                padding_mode=cfg["padding_mode"], bank_size=cfg["hyper_bank_size"],
                                mlp_hidden=cfg["hyper_mlp_hidden"], init_gain=FINAL_LAYER_INIT_GAIN)
-        self.in_channels = chans[-1]
+        self.skip_connections = bool(cfg["skip_connections"])
+        self.bottleneck_channels = chans[-1]
+        # per up level (coarse to fine): channels of the skip map it receives and its fold factor in the encoding
+        self.skip_layout: List[Tuple[int, int]] = [(chans[i - 1], 2 ** (len(chans) - i))
+                                                   for i in range(len(chans) - 1, 0, -1)]
+        self.skip_blocks = nn.ModuleList(
+            HyperConvNormAct(spatial_dims, 2 * c, c, cfg["res_kernel_size"], **hyper, **common)
+            for c, _ in (self.skip_layout if self.skip_connections else []))
+        self.in_channels = chans[-1] + (sum(c * f ** spatial_dims for c, f in self.skip_layout)
+                                        if self.skip_connections else 0)
+
+    def split(self, features: Tensor) -> Tuple[Tensor, List[Tensor]]:
+        """An encoding -> (bottleneck features, skip maps at their own resolution, coarse to fine)."""
+        if not self.skip_connections:
+            return features, []
+        parts = torch.split(features, [self.bottleneck_channels] + [c * f ** (features.dim() - 2)
+                                                                    for c, f in self.skip_layout], dim=1)
+        return parts[0], [depth_to_space(p, f) for p, (_, f) in zip(parts[1:], self.skip_layout)]
+
+    def pack(self, bottleneck: Tensor, skips: Sequence[Tensor]) -> Tensor:
+        """Inverse of ``split``: ``skips`` full resolution first, as ``Encoder.forward_with_skips`` returns them."""
+        folded = [space_to_depth(s, f) for s, (_, f) in zip(reversed(skips), self.skip_layout)]
+        return torch.cat([bottleneck] + folded, dim=1)
 
     def forward(self, features: Tensor, code: Tensor) -> Tensor:
-        x = features
+        x, skips = self.split(features)
         for block in self.res_blocks:
             x = block(x, code)
-        for block in self.up_blocks:
+        for i, block in enumerate(self.up_blocks):
             x = block(x, code)
+            if skips:
+                x = self.skip_blocks[i](torch.cat([x, skips[i]], dim=1), code)
         return torch.tanh(self.final(x, code))
 
 
@@ -164,7 +220,11 @@ class Seq2SeqNet(nn.Module):
         self.divisor = downsample_factor(cfg)
         self.encoder = Encoder(self.in_channels, self.spatial_dims, cfg)
         self.decoder = HyperDecoder(self.in_channels, self.spatial_dims, cfg)
-        self.latent_channels = self.encoder.out_channels
+        self.skip_connections = bool(cfg["skip_connections"])
+        self.source_conditioning = bool(cfg["source_conditioning"])
+        #: channels of the bottleneck (what attention or quantisation acts on) and of a whole encoding
+        self.bottleneck_channels = self.encoder.out_channels
+        self.latent_channels = self.decoder.in_channels
 
     # ------------------------------------------------------------------------------------------------
     def sequence_code(self, target: Tensor) -> Tensor:
@@ -206,10 +266,14 @@ class Seq2SeqNet(nn.Module):
         return tuple(int(math.ceil(s / d) * d) for s in spatial_size)
 
     # ------------------------------------------------------------------------------------------------
-    def encode(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor, source: Optional[Tensor] = None) -> Tensor:
         """E(x): x (B, in_channels, *S) in [0, 1] -> features (B, C_lat, *ceil(S / 4)).
 
-        Sizes that are not multiples of the down-sampling factor are padded at the end with 0 (background)."""
+        ``source`` (indices (B,), one int, or codes) names x's sequence; required with ``source_conditioning``,
+        ignored otherwise (the paper's encoder does not know what it reads).
+
+        Sizes that are not multiples of the down-sampling factor are padded at the end with 0 (background).
+        With skip connections the folded skip maps follow the bottleneck channels (module docstring)."""
         self._check_input(x)
         size = tuple(x.shape[2:])
         target = self.padded_size(size)
@@ -218,7 +282,22 @@ class Seq2SeqNet(nn.Module):
             for s, t in zip(reversed(size), reversed(target)):
                 pads += [0, t - s]
             x = F.pad(x, pads, mode="constant", value=0.0)
-        return self.encoder(x * 2.0 - 1.0)
+        code = self._source_code(source, x.shape[0])
+        bottleneck, skips = self.encoder.forward_with_skips(x * 2.0 - 1.0, code)
+        return self.decoder.pack(bottleneck, skips) if self.skip_connections else bottleneck
+
+    def _source_code(self, source: Optional[Tensor], batch: int) -> Optional[Tensor]:
+        if not self.source_conditioning:
+            return None
+        if source is None:
+            raise ValueError("this network's encoder is conditioned on the source sequence "
+                             "(network.source_conditioning): pass encode(x, source)")
+        if isinstance(source, int) or (torch.is_tensor(source) and source.dim() == 0):
+            source = torch.full((batch,), int(source), dtype=torch.long, device=self._device())
+        code = self._as_code(source)
+        if code.shape[0] != batch:
+            raise ValueError(f"source has {code.shape[0]} entries for a batch of {batch}")
+        return code
 
     def decode(self, features: Tensor, code: Tensor, output_size: Optional[Sequence[int]] = None) -> Tensor:
         """G(features | code) -> (B, in_channels, *S) in [0, 1]; ``output_size`` crops encode()'s padding away.
@@ -235,15 +314,17 @@ class Seq2SeqNet(nn.Module):
             out = out[(slice(None), slice(None)) + tuple(slice(0, o) for o in output_size)]
         return out
 
-    def forward(self, x: Tensor, target: Tensor, groups: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, target: Tensor, groups: Optional[Tensor] = None,
+                source: Optional[Tensor] = None) -> Tensor:
         """Synthesise the target sequence (indices (B,) or codes (B, code_length)) from x; same shape as x.
 
         ``groups`` (M,) fuses several sources per output: x then holds M source stacks, ``groups[m]`` names the
         output row (0..B-1, B = len(target)) that stack m belongs to, and each row decodes the mean of its
         sources' encodings (multi-source training, the TSF paper's "average" fusion). Without ``groups`` every
-        stack is its own row, which is exactly the paper's one-to-one Seq2Seq."""
+        stack is its own row, which is exactly the paper's one-to-one Seq2Seq. ``source`` (one per stack) names
+        the input sequences; only a network with ``source_conditioning`` needs it."""
         code = self._as_code(target)
-        features = self.encode(x)
+        features = self.encode(x, source)
         if groups is not None:
             features = fuse_mean(features, groups, code.shape[0])
         elif code.shape[0] not in (1, x.shape[0]):
@@ -299,6 +380,9 @@ def estimate_feature_map_voxels(patch_size: Sequence[int], network: Mapping[str,
     for i in range(len(chans) - 1, 0, -1):
         total += chans[i] * vox(i - 1) + (chans[i] * vox(i - 1, kernels[i] // 2) if reflect else 0)
         total += 2 * chans[i - 1] * vox(i - 1)
+        if cfg["skip_connections"]:   # concatenation + padded copy + conv + norm of the skip merge
+            total += 2 * chans[i - 1] * vox(i - 1) + (2 * chans[i - 1] * vox(i - 1, r) if reflect else 0)
+            total += 2 * chans[i - 1] * vox(i - 1)
     total += (chans[0] * vox(0, kernels[0] // 2) if reflect else 0) + 2 * in_channels * vox(0)  # final conv + tanh
     return int(total)
 

@@ -134,7 +134,9 @@ class TSFNet(nn.Module):
         self.in_channels = int(backbone.in_channels)
         self.tsf_config = cfg
         self.weighting = TaskSpecificWeighting(self.num_sequences, float(cfg["omega_eps"]))
-        self.attention = HyperCBAM(int(backbone.latent_channels), 2 * self.num_sequences, self.spatial_dims,
+        # attention acts on the bottleneck channels; skip maps folded into an encoding are fused by omega only
+        self.bottleneck_channels = int(getattr(backbone, "bottleneck_channels", backbone.latent_channels))
+        self.attention = HyperCBAM(self.bottleneck_channels, 2 * self.num_sequences, self.spatial_dims,
                                    int(cfg["attention_reduction"]), int(cfg["spatial_kernel"]),
                                    int(cfg["hyper_bank_size"]))
 
@@ -171,7 +173,7 @@ class TSFNet(nn.Module):
             rows = sources[:, s] > 0
             if not bool(rows.any()):
                 continue
-            feats = self.backbone.encode(images[rows, s])
+            feats = self.backbone.encode(images[rows, s], s)
             if fused is None:
                 fused = feats.new_zeros((images.shape[0],) + tuple(feats.shape[1:]))
             w = omega[rows, s].to(feats.dtype).reshape(-1, *([1] * (feats.dim() - 1)))
@@ -188,7 +190,9 @@ class TSFNet(nn.Module):
         omega = self.omega(sources, target)
         f = self.fuse(images, sources, omega)
         code = torch.cat([sources, F.one_hot(target.long(), self.num_sequences).to(sources.dtype)], 1)
-        f_a = self.attention(f, code.to(f.dtype))
+        f_a = self.attention(f[:, :self.bottleneck_channels], code.to(f.dtype))
+        if f_a.shape[1] != f.shape[1]:
+            f_a = torch.cat([f_a, f_a.new_zeros((f.shape[0], f.shape[1] - f_a.shape[1]) + tuple(f.shape[2:]))], 1)
         tgt = target.long()
         size = images.shape[3:]
         x_prime = self.backbone.decode(f, tgt, output_size=size)

@@ -74,7 +74,11 @@ class VQSeq2SeqNet(Seq2SeqNet):
 
     def __init__(self, num_sequences: int, in_channels: int, spatial_dims: int, network: Mapping[str, Any],
                  vq: Optional[Mapping[str, Any]] = None) -> None:
-        super().__init__(num_sequences, in_channels, spatial_dims, network)
+        # the quantised common latent space must be the only way from a source to the decoder: skip connections
+        # would bypass the codebook and eq. 7's consistency, so the plans' skip setting does not apply here
+        # (nor is its encoder told which sequence it reads: z_q must be a property of the anatomy)
+        super().__init__(num_sequences, in_channels, spatial_dims,
+                         {**network, "skip_connections": False, "source_conditioning": False})
         vq = dict(vq or {})
         self.vqc_variance = str(vq.get("vqc_variance", VQC_DEFAULT_VARIANCE))
         if self.vqc_variance not in VQC_VARIANCE_CHOICES:
@@ -95,11 +99,13 @@ class VQSeq2SeqNet(Seq2SeqNet):
         """G(post(z) | code) in [0, 1] for a latent map z (B, D, *S/4) (z_q or a VQC sample z_s)."""
         return self.decode(self.quantizer.to_features(z), code, output_size=output_size)
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Decoder-ready features ``post(z_q)`` (same contract as Seq2SeqNet.encode)."""
+    def encode(self, x: Tensor, source: Optional[Tensor] = None) -> Tensor:
+        """Decoder-ready features ``post(z_q)`` (same contract as Seq2SeqNet.encode; ``source`` is not used)."""
         return self.quantizer.to_features(self.quantize(x).z_q)
 
-    def forward(self, x: Tensor, target: Tensor) -> Tensor:
+    def forward(self, x: Tensor, target: Tensor, groups: None = None, source: Optional[Tensor] = None) -> Tensor:
+        if groups is not None:
+            raise ValueError("VQ-Seq2Seq fuses sources through its common latent space, not through groups")
         code = self._as_code(target)
         return self.decode_latent(self.quantize(x).z_q, code, output_size=x.shape[2:])
 

@@ -3,7 +3,7 @@
 What the planner needs to know about a raw dataset, read one image at a time so memory stays bounded by
 the largest case: per case spacing, shape, the union nonzero bounding box over its available sequences and
 the relative size after cropping; per sequence how many cases hold it and foreground intensity statistics
-from a bounded, seeded sample; per pair of sequences how many cases hold both, and the pairing graph
+from a bounded, seeded sample (and per case p0.5 / median / p99.5, which the normalisation plan needs); per pair of sequences how many cases hold both, and the pairing graph
 derived from it (which targets a source reaches directly, which only through intermediate sequences).
 
 Foreground is the sequence's own nonzero voxels (skull-stripped MRI), so no label is needed.
@@ -26,6 +26,7 @@ from nnsynth.dataset.cases import Case, discover_cases
 from nnsynth.dataset.dataset_json import DatasetSpec, load_dataset_spec
 from nnsynth.dataset.io import Geometry, read_image
 from nnsynth.exceptions import DatasetFormatError
+from nnsynth.preprocessing.normalization import anchor_statistics
 from nnsynth.utils.log import progress_disabled
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ PathLike = Union[str, os.PathLike]
 #: the coarsest one, so it is never transposed away from position 0 and never resampled.
 PSEUDO_2D_SPACING = 999.0
 #: version of the fingerprint layout; a fingerprint of another version is recomputed.
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
 
 
 def case_spacing_array_order(geometry: Geometry) -> List[float]:
@@ -81,9 +82,9 @@ def dataset_signature(cases: Dict[str, Case]) -> str:
     return h.hexdigest()
 
 
-def _fingerprint_case(task: Tuple[str, Dict[int, str], List[int], int, int]) -> Dict[str, Any]:
+def _fingerprint_case(task: Tuple[str, Dict[int, str], List[int], Dict[int, str], int, int]) -> Dict[str, Any]:
     """Fingerprint one case (runs in a worker): reads its images one at a time."""
-    name, images, channel_ids, samples_per_image, seed = task
+    name, images, channel_ids, seq_names, samples_per_image, seed = task
     union: Optional[np.ndarray] = None
     geometry: Optional[Geometry] = None
     samples: Dict[int, np.ndarray] = {}
@@ -106,10 +107,11 @@ def _fingerprint_case(task: Tuple[str, Dict[int, str], List[int], int, int]) -> 
     bbox = nonzero_bbox(union)
     shape = case_shape_3d(geometry.shape)
     shape_after = [b[1] - b[0] for b in bbox]
+    intensity = {seq_names[cid]: anchor_statistics(v) for cid, v in samples.items()}
     return {"case": name, "spacing": case_spacing_array_order(geometry), "shape": shape,
             "is_2d": geometry.ndim == 2, "bbox": bbox, "shape_after_crop": shape_after,
             "relative_size_after_crop": float(np.prod(shape_after) / np.prod(shape)),
-            "channel_ids": sorted(samples), "direction": list(geometry.direction),
+            "channel_ids": sorted(samples), "direction": list(geometry.direction), "intensity": intensity,
             "_samples": samples}
 
 
@@ -185,7 +187,8 @@ def extract_fingerprint(raw_dataset_folder: PathLike, num_workers: int = 0,
     channel_ids = spec.channel_ids
     n_images = sum(len(c.images) for c in cases.values())
     per_image = max(1, int(max_voxels_total // max(n_images, 1)))
-    tasks = [(name, {cid: str(p) for cid, p in c.images.items()}, channel_ids, per_image, seed)
+    seq_names = dict(zip(channel_ids, spec.sequences))
+    tasks = [(name, {cid: str(p) for cid, p in c.images.items()}, channel_ids, seq_names, per_image, seed)
              for name, c in cases.items()]
     results = _map(_fingerprint_case, tasks, num_workers, "fingerprint", progress)
 

@@ -19,7 +19,7 @@ import numpy as np
 from nnsynth.constants import DEFAULT_PLANS_IDENTIFIER
 from nnsynth.exceptions import PlansError
 from nnsynth.planning.fingerprint import PSEUDO_2D_SPACING, default_num_workers
-from nnsynth.preprocessing.normalization import NORMALIZATION_SCHEME
+from nnsynth.preprocessing.normalization import NORMALIZATION_SCHEME, plan_normalization
 from nnsynth.preprocessing.resampling import ANISOTROPY_THRESHOLD, separate_axis
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def default_memory_gb(device: str) -> float:
 # --- cost model of the Seq2Seq network --------------------------------------------------------------------
 
 def _convs(channels: Sequence[int], kernels: Sequence[int], n_res: int, n_hyper: int, k_in: int,
-           spatial_dims: int) -> List[Tuple[int, int, int, int]]:
+           spatial_dims: int, skips: bool = False) -> List[Tuple[int, int, int, int]]:
     """(level, kernel volume, c_in, c_out) of every convolution of encoder + HyperConv decoder."""
     c0, c1, c2 = channels
     kv = [int(k) ** spatial_dims for k in kernels]
@@ -108,6 +108,8 @@ def _convs(channels: Sequence[int], kernels: Sequence[int], n_res: int, n_hyper:
     convs = [(0, kv[0], k_in, c0), (1, kv[1], c0, c1), (2, kv[2], c1, c2)]
     convs += [(2, k3, c2, c2)] * (2 * (n_res + n_hyper))
     convs += [(1, k3, c2, c1), (0, k3, c1, c0), (0, kv[0], c0, k_in)]
+    if skips:   # the merge HyperConv after each up-sampling (concatenated skip map in)
+        convs += [(1, k3, 2 * c1, c1), (0, k3, 2 * c0, c0)]
     return convs
 
 
@@ -121,7 +123,8 @@ def iteration_cost(patch: Sequence[int], net: Dict[str, Any], k_in: int = 1) -> 
     vox = float(np.prod(patch))
     flops, acts = 0.0, 0.0
     for level, kvol, cin, cout in _convs(net["encoder_channels"], net["encoder_kernel_sizes"],
-                                         net["num_res_blocks"], net["num_hyper_res_blocks"], k_in, dims):
+                                         net["num_res_blocks"], net["num_hyper_res_blocks"], k_in, dims,
+                                         bool(net.get("skip_connections", False))):
         v = vox / (2 ** dims) ** level
         flops += kvol * cin * cout * v
         acts += 3 * cout * v
@@ -208,7 +211,17 @@ class DefaultPlanner:
                 "encoder_kernel_sizes": [7, 3, 3], "num_res_blocks": 6, "num_hyper_res_blocks": 6,
                 "hyper_bank_size": 16, "code_length": self.code_length(),
                 "hyper_mlp_hidden": 64, "norm": "instance", "negative_slope": 0.2, "padding_mode": "reflect",
-                "upsample_mode": "nearest", "res_kernel_size": 3}
+                "upsample_mode": "nearest", "res_kernel_size": 3, "skip_connections": True,
+                "source_conditioning": False}
+
+    def normalization(self) -> Dict[str, Any]:
+        """``median_anchor`` with per-sequence ratios from the fingerprint (preprocessing/normalization.py); a
+        fingerprint without per-case intensities (written by an older nnsynth) gives ``percentile_clip``."""
+        cases = list(self.fp.get("cases", {}).values())
+        if not cases or any("intensity" not in c for c in cases):
+            logger.info("The fingerprint has no per-case intensities: normalisation by per-image percentiles")
+            return dict(NORMALIZATION_SCHEME)
+        return plan_normalization([c["intensity"] for c in cases], self.sequences)
 
     def code_length(self) -> int:
         """One-hot sequence-code length: 64 as in the paper code, or the next power of 2 >= N."""
@@ -390,7 +403,7 @@ class DefaultPlanner:
             "transpose_backward": tb,
             "original_median_spacing_after_transp": [float(median_sp[a]) for a in tf],
             "original_median_shape_after_transp": [int(round(median_sh[a])) for a in tf],
-            "normalization": dict(NORMALIZATION_SCHEME),
+            "normalization": self.normalization(),
             "compute": {"device": self.device, "memory_gb": self.memory_gb},
             "configurations": confs,
         }

@@ -26,7 +26,7 @@ from nnsynth.exceptions import DatasetFormatError, NnsynthError, PlansError
 from nnsynth.planning.fingerprint import (_map, case_shape_3d, case_spacing_array_order, nonzero_bbox,
                                           source_signature)
 from nnsynth.preprocessing import storage
-from nnsynth.preprocessing.normalization import normalize, percentile_bounds
+from nnsynth.preprocessing.normalization import case_bounds, check_scheme, normalize
 from nnsynth.preprocessing.resampling import (ANISOTROPY_THRESHOLD, compute_new_shape, resample_data,
                                               resample_image, resample_seg, separate_axis)
 
@@ -110,11 +110,12 @@ def preprocess_case(images: Sequence[Optional[np.ndarray]], geometry: Geometry, 
 
     data = np.zeros((len(sequences),) + mask.shape, dtype=np.float32)
     norm: Dict[str, Dict[str, float]] = {}
+    scheme = check_scheme(plans.get("normalization"))
     for c, (s, im) in enumerate(zip(sequences, images)):
         if im is None:
             continue
         x = im.reshape(shape3)[sl].transpose(tf)
-        lo, hi = percentile_bounds(x)
+        lo, hi = case_bounds(x, s, scheme)
         norm[s] = {"lower": lo, "upper": hi}
         data[c] = normalize(x, mask, lo, hi)
 

@@ -131,7 +131,7 @@ class Seq2SeqTrainer(TrainingEngine):
         images = batch["images"]
         rows, seqs, targets = self.draw_multi_source(batch["available"].bool().cpu())
         rows, seqs, targets = rows.to(images.device), seqs.to(images.device), targets.to(images.device)
-        pred = self.train_network(images[rows, seqs], targets, rows)
+        pred = self.train_network(images[rows, seqs], targets, rows, seqs)
         truth = images[torch.arange(images.shape[0], device=images.device), targets]
         terms = self.recon_loss.terms(pred.float(), truth)
         return terms["loss"], {"sources_per_sample": float(seqs.numel()) / images.shape[0]}
@@ -139,12 +139,12 @@ class Seq2SeqTrainer(TrainingEngine):
     def compute_loss(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, float]]:
         if "images" in batch:
             return self._multi_source_loss(batch)
-        pred = self.train_network(batch["source"], batch["target_idx"])
+        pred = self.train_network(batch["source"], batch["target_idx"], None, batch["source_idx"])
         terms = self.recon_loss.terms(pred.float(), batch["target"])  # eq. 1 over the whole patch, as the paper
         loss, parts = terms["loss"], {}
         cross = batch["source_idx"] != batch["target_idx"]
         if self.lambda_cycle > 0 and bool(cross.any()):
-            back = self.train_network(pred[cross], batch["source_idx"][cross])
+            back = self.train_network(pred[cross], batch["source_idx"][cross], None, batch["target_idx"][cross])
             cyc = F.l1_loss(back.float(), batch["source"][cross])
             loss = loss + self.lambda_cycle * cyc
             parts["cycle"] = float(cyc.detach())
@@ -182,14 +182,17 @@ class Seq2SeqTrainer(TrainingEngine):
             self.d_optimizer.load_state_dict(state["d_optimizer"])
 
     # ----- synthesis ------------------------------------------------------------------------------------------
+    def predict(self, batch: Dict[str, Any]) -> torch.Tensor:
+        return self.network(batch["source"], batch["target_idx"], None, batch["source_idx"])
+
     def synthesize_slices(self, sources: Dict[int, torch.Tensor], target: int) -> torch.Tensor:
         net = self.network
         any_src = next(iter(sources.values()))
         tgt = torch.full((any_src.shape[0],), int(target), dtype=torch.long, device=any_src.device)
         if self.fusion == "latent":
-            feats = torch.stack([net.encode(x) for x in sources.values()]).mean(0)
+            feats = torch.stack([net.encode(x, int(s)) for s, x in sources.items()]).mean(0)
             return net.decode(feats, tgt, output_size=any_src.shape[2:])
-        return torch.stack([net(x, tgt) for x in sources.values()]).mean(0)
+        return torch.stack([net(x, tgt, None, torch.full_like(tgt, int(s))) for s, x in sources.items()]).mean(0)
 
     def full_volume_method(self) -> str:
         return f"{super().full_volume_method()}, sources averaged in {self.fusion} space"
