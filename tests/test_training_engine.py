@@ -1,11 +1,10 @@
 """The shared training engine with the Seq2Seq trainer on tiny preprocessed data (16x32x32, 2 epochs x 3 iterations)."""
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import pytest

@@ -13,8 +13,10 @@ concatenated with the upsampled features and mixed by one more HyperConv. Withou
 pass the 4x down-sampled bottleneck, which a short training run does not learn (blurry outputs, see
 documentation/benchmarks.md). So that fusion code keeps working on one tensor, the skip maps travel inside the
 encoding: each is folded to the bottleneck resolution (``space_to_depth``, a reshape) and stacked after the
-bottleneck channels. Averaging or weighting encodings therefore averages or weights every skip map the same way. Sizes that are not multiples of the down-sampling factor are padded with
-background (0) by ``encode`` and cropped back by ``decode(..., output_size=...)`` / ``forward``.
+bottleneck channels. Averaging or weighting encodings therefore averages or weights every skip map the same way.
+
+Sizes that are not multiples of the down-sampling factor are padded with background (0) by ``encode`` and
+cropped back by ``decode(..., output_size=...)`` / ``forward``.
 """
 from __future__ import annotations
 
