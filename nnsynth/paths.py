@@ -77,7 +77,7 @@ def resolve_dataset_name(dataset: Union[str, int]) -> str:
     text = str(dataset).strip()
     if _DATASET_RE.match(text):
         return text
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise DatasetNotFoundError(
             f"{text!r} is neither a dataset id (e.g. 501) nor a dataset name (e.g. Dataset501_BrainDemo)")
     dataset_id = int(text)

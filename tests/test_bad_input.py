@@ -370,3 +370,15 @@ def test_prediction_of_awkward_inputs_works_or_is_refused_clearly(trained, tmp_p
         assert np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1
         assert (arr[sitk.GetArrayFromImage(src) == 0] == 0).all()        # background stays background
     assert not (out / "nan_0003.mha").exists()
+
+
+@pytest.mark.parametrize("text", ["²", "٣", "1²"])
+def test_unicode_digits_are_not_ids_or_folds(text):
+    """str.isdigit accepts superscripts, which int() refuses (found by the property test above in CI)."""
+    from nnsynth import paths
+    from nnsynth.exceptions import DatasetNotFoundError
+    from nnsynth.training.splits import parse_fold
+    with pytest.raises(DatasetNotFoundError):
+        paths.resolve_dataset_name(text)
+    with pytest.raises(NnsynthError):
+        parse_fold(text)

@@ -131,7 +131,7 @@ def find_model_folder(dataset: Optional[Union[str, int]] = None, trainer: Option
         text = str(dataset).strip()
         if paths.dataset_name_from_folder(text) is not None:
             dataset_name = text
-        elif text.isdigit():
+        elif text.isascii() and text.isdigit():
             ids = {m.dataset for m in models if paths.dataset_name_from_folder(m.dataset) == int(text)}
             dataset_name = ids.pop() if len(ids) == 1 else None
             if dataset_name is None:

@@ -61,7 +61,7 @@ def parse_fold(fold: Fold) -> Fold:
     if isinstance(fold, str):
         if fold.strip().lower() == "all":
             return "all"
-        if not fold.strip().isdigit():
+        if not (fold.strip().isascii() and fold.strip().isdigit()):
             raise NnsynthError(f"Fold must be 0-{NUM_FOLDS - 1} or 'all', got {fold!r}")
         fold = int(fold)
     if fold < 0:
