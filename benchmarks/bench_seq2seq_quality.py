@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from intensity_lookup_baseline import _channel_ids, run as run_baseline  # noqa: E402
+from intensity_lookup_baseline import _channel_ids, run as run_baseline, score_predictions  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -50,8 +49,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     from nnsynth.cli.predict import cli as predict_cli
     from nnsynth.cli.train import cli as train_cli
     from nnsynth.dataset.demo import make_demo_dataset
-    from nnsynth.dataset.io import read_image
-    from nnsynth.evaluation.metrics import compute_metrics
     from nnsynth.paths import resolve_dataset_name
 
     timings = {}
@@ -88,13 +85,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     timings["predict_s"] = time.time() - t
     if rc != 0:
         return 1
-    per_case = []
-    for case in cases:
-        ref = read_image(truth / f"{case}_{ids[a.target]}{ending}")[0]
-        pred = read_image(out / f"{case}_{ids[a.target]}{ending}")[0]
-        m = compute_metrics(ref, pred, None, compute_lpips=False)
-        per_case.append({"case": case, **{k: float(m[k]) for k in ("psnr", "ssim", "mae")}})
-    model = {k: float(np.mean([r[k] for r in per_case])) for k in ("psnr", "ssim", "mae")}
+    per_case, model = score_predictions(truth, out, cases, f"_{ids[a.target]}{ending}")
     # the baseline (per-image percentiles) and the same lookup on nnsynth's median-anchor normalisation;
     # the gain is reported against the stronger of the two
     bases = {n: run_baseline(raw, a.sources, a.target, "imagesTs_truth", n)

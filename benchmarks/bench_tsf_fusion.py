@@ -22,18 +22,15 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from intensity_lookup_baseline import _channel_ids  # noqa: E402
+from intensity_lookup_baseline import _channel_ids, score_predictions  # noqa: E402
 
 
 def predict_and_score(work: Path, dataset_id: int, trainer: str, fold: str, device: str, raw: Path,
                       sources: Sequence[str], target: str) -> Dict[str, object]:
     """Predict ``target`` from ``sources`` for every truth case with ``trainer``; per-case and mean metrics."""
     from nnsynth.cli.predict import cli as predict_cli
-    from nnsynth.dataset.io import read_image
-    from nnsynth.evaluation.metrics import compute_metrics
     ids, ending = _channel_ids(raw)
     truth = raw / "imagesTs_truth"
     tag = f"{trainer}_{'+'.join(sources)}"
@@ -49,13 +46,7 @@ def predict_and_score(work: Path, dataset_id: int, trainer: str, fold: str, devi
                     "-f", fold, "--device", device, "--no-progress"]) != 0:
         raise SystemExit(f"nnsynth_predict failed for {tag}")
     seconds = time.time() - t
-    rows = []
-    for case in cases:
-        ref = read_image(truth / f"{case}_{ids[target]}{ending}")[0]
-        pred = read_image(out / f"{case}_{ids[target]}{ending}")[0]
-        m = compute_metrics(ref, pred, None, compute_lpips=False)
-        rows.append({"case": case, **{k: float(m[k]) for k in ("psnr", "ssim", "mae")}})
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim", "mae")}
+    rows, mean = score_predictions(truth, out, cases, f"_{ids[target]}{ending}")
     return {"trainer": trainer, "sources": list(sources), "mean": mean, "per_case": rows, "predict_s": seconds}
 
 

@@ -55,6 +55,25 @@ def load_cases(image_folder: Path, names: Sequence[str], ids: Dict[str, str], en
     return cases
 
 
+METRICS = ("psnr", "ssim", "mae")
+
+
+def score_predictions(truth: Path, predictions: Path, cases: Sequence[str], file_suffix: str
+                      ) -> Tuple[List[Dict[str, object]], Dict[str, float]]:
+    """Per-case CONTRACT.md section 5 metrics of ``predictions/{case}{file_suffix}`` against the truth, and their mean."""
+    rows: List[Dict[str, object]] = []
+    for case in cases:
+        ref = read_image(truth / f"{case}{file_suffix}")[0]
+        pred = read_image(predictions / f"{case}{file_suffix}")[0]
+        m = compute_metrics(ref, pred, None, compute_lpips=False)
+        rows.append({"case": case, **{k: float(m[k]) for k in METRICS}})
+    return rows, _mean(rows)
+
+
+def _mean(rows: Sequence[Dict[str, object]]) -> Dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows])) for k in METRICS} if rows else {}
+
+
 def _cells(sources: Sequence[np.ndarray], bins: int) -> np.ndarray:
     idx = np.zeros(sources[0].shape, np.int64)
     for s in sources:
@@ -128,8 +147,8 @@ def run(raw: Path, sources: Sequence[str], target: str, test_folder: Optional[st
         pred = model.predict(imgs[:-1], mask)
         ref = read_image(folder / f"{case}_{ids[target]}{ending}")[0].astype(np.float32)
         m = compute_metrics(ref, pred, None, compute_lpips=False)
-        per_case.append({"case": case, **{k: float(m[k]) for k in ("psnr", "ssim", "mae")}})
-    mean = {k: float(np.mean([r[k] for r in per_case])) for k in ("psnr", "ssim", "mae")} if per_case else {}
+        per_case.append({"case": case, **{k: float(m[k]) for k in METRICS}})
+    mean = _mean(per_case)
     return {"method": "intensity lookup (16 bins per source)", "normalization": normalization,
             "sources": list(sources), "target": target,
             "train_cases": len(train), "test_folder": folder.name, "mean": mean, "per_case": per_case}

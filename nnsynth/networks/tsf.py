@@ -190,13 +190,12 @@ class TSFNet(nn.Module):
         omega = self.omega(sources, target)
         f = self.fuse(images, sources, omega)
         code = torch.cat([sources, F.one_hot(target.long(), self.num_sequences).to(sources.dtype)], 1)
-        f_a = self.attention(f[:, :self.bottleneck_channels], code.to(f.dtype))
-        if f_a.shape[1] != f.shape[1]:
-            f_a = torch.cat([f_a, f_a.new_zeros((f.shape[0], f.shape[1] - f_a.shape[1]) + tuple(f.shape[2:]))], 1)
+        b = self.bottleneck_channels
+        f_a = self.attention(f[:, :b], code.to(f.dtype))
         tgt = target.long()
         size = images.shape[3:]
         x_prime = self.backbone.decode(f, tgt, output_size=size)
-        x_prime_a = self.backbone.decode(f + f_a, tgt, output_size=size)
+        x_prime_a = self.backbone.decode(torch.cat([f[:, :b] + f_a, f[:, b:]], 1), tgt, output_size=size)
         return x_prime, x_prime_a, omega
 
 

@@ -187,12 +187,11 @@ def extract_fingerprint(raw_dataset_folder: PathLike, num_workers: int = 0,
     channel_ids = spec.channel_ids
     n_images = sum(len(c.images) for c in cases.values())
     per_image = max(1, int(max_voxels_total // max(n_images, 1)))
-    seq_names = dict(zip(channel_ids, spec.sequences))
-    tasks = [(name, {cid: str(p) for cid, p in c.images.items()}, channel_ids, seq_names, per_image, seed)
+    seq_of = dict(zip(channel_ids, spec.sequences))
+    tasks = [(name, {cid: str(p) for cid, p in c.images.items()}, channel_ids, seq_of, per_image, seed)
              for name, c in cases.items()]
     results = _map(_fingerprint_case, tasks, num_workers, "fingerprint", progress)
 
-    seq_of = dict(zip(channel_ids, spec.sequences))
     per_case: Dict[str, Any] = {}
     pooled: Dict[int, List[np.ndarray]] = {cid: [] for cid in channel_ids}
     for r in results:
