@@ -152,7 +152,8 @@ def apply_overrides_checked(overrides):
 @pytest.mark.parametrize("item,message", [
     ("2d.batch_size=abc", "expects a number"), ("training.lr=NaN", "finite"), ("amp=1", "true or false"),
     ("3d.patch_size=64", "expects a list"), ("2d.patch_size=[\"a\", 2]", "list of finite numbers"),
-    ("training.schedule=3", "text value")])
+    ("training.schedule=3", "text value"), ("configurations={}", "is a section"),
+    ("2d.network={\"norm\": \"batch\"}", "is a section")])
 def test_plan_overrides_of_the_wrong_kind_are_refused(item, message):
     with pytest.raises(PlansError, match=message):
         apply_overrides_checked([item])

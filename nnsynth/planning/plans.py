@@ -124,7 +124,7 @@ def apply_overrides(plans: Mapping[str, Any], overrides: Iterable[str]) -> Dict[
             for part in p[:-1]:
                 node = node[part]
             old = node[p[-1]]
-            if isinstance(old, Mapping) and not isinstance(value, Mapping):
+            if isinstance(old, Mapping):   # replacing a whole section could drop keys the trainers need
                 raise PlansError(f"plans key {'.'.join(p)} is a section; override one of its keys: "
                                  f"{', '.join(old)}")
             why = _type_problem(old, value)
