@@ -11,9 +11,10 @@ from nnsynth.networks.seq2seq import Seq2SeqNet, fuse_mean
 from test_training_engine import _no_final_validation, _weights, make_preprocessed, make_trainer, tiny_plans
 
 
-def _multi_plans(**kw):
+def _multi_plans(joint=False, **kw):
     plans = tiny_plans(**kw)
     plans["configurations"]["2d"]["training"]["per_trainer"] = {"seq2seq": {"multi_source": True}}
+    plans["configurations"]["2d"]["network"]["joint_input"] = joint
     return plans
 
 
@@ -68,10 +69,11 @@ def test_draw_multi_source_tasks():
     assert set(sizes) == {1, 2, 3}                                   # every subset size of the 3 others
 
 
-def test_multi_source_training_improves_and_predicts_from_fused_sources(tmp_path):
-    pre = make_preprocessed(tmp_path / "pre", plans=_multi_plans(epochs=2, iters=4))
+@pytest.mark.parametrize("joint", [False, True])
+def test_multi_source_training_improves_and_predicts_from_fused_sources(tmp_path, joint):
+    pre = make_preprocessed(tmp_path / "pre", plans=_multi_plans(joint, epochs=2, iters=4))
     trainer = _no_final_validation(make_trainer(pre, tmp_path / "out", num_epochs=2, iters_per_epoch=4))
-    assert trainer.multi_source and trainer.fusion == "latent"
+    assert trainer.multi_source and trainer.fusion == ("joint" if joint else "latent")
     fresh = copy.deepcopy(trainer)
     trainer.run_training()
     losses = trainer.logs["train_loss"]
@@ -83,13 +85,20 @@ def test_multi_source_training_improves_and_predicts_from_fused_sources(tmp_path
     with torch.no_grad():
         out = trainer.synthesize_slices(sources, 3)
         net = trainer.network
-        feats = torch.stack([net.encode(x) for x in sources.values()]).mean(0)
+        assert net.joint_input is joint
+        if joint:
+            images = torch.zeros(2, 4, 3, 32, 32)
+            for i, x in sources.items():
+                images[:, i] = x
+            feats = net.encode_joint(images, torch.tensor([[1, 1, 1, 0.]] * 2))
+        else:
+            feats = torch.stack([net.encode(x) for x in sources.values()]).mean(0)
         expected = net.decode(feats, torch.full((2,), 3), output_size=(32, 32))
     torch.testing.assert_close(out, expected)
 
 
 def test_multi_source_exact_resume(tmp_path):
-    pre = make_preprocessed(tmp_path / "pre", n_cases=5, plans=_multi_plans())
+    pre = make_preprocessed(tmp_path / "pre", n_cases=5, plans=_multi_plans(joint=True))
     kw = dict(num_epochs=3, iters_per_epoch=2)
     ref = _no_final_validation(make_trainer(pre, tmp_path / "ref", **kw))
     ref.run_training()

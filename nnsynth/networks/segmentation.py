@@ -122,7 +122,8 @@ class LatentEncoder(nn.Module):
     """Frozen encoder (+ quantiser) of a trained synthesis network; always in eval mode, never trained.
 
     ``forward(images (B, N, k, *S), available (B, N))`` -> the mean over the available sequences of their
-    latent maps (B, D, *s): z_q for VQ-Seq2Seq (the VQC centre), E(x) for Seq2Seq."""
+    latent maps (B, D, *s): z_q for VQ-Seq2Seq (the VQC centre), E(x) for Seq2Seq; a Seq2Seq with
+    ``joint_input`` encodes the available sequences together, as its own prediction does."""
 
     def __init__(self, backbone: nn.Module, kind: str) -> None:
         super().__init__()
@@ -140,19 +141,21 @@ class LatentEncoder(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def encode_one(self, x: Tensor) -> Tensor:
-        """(M, k, *S) images of single sequences -> (M, D, *s) latent maps."""
+    def encode_one(self, x: Tensor, sequence: Tensor) -> Tensor:
+        """(M, k, *S) images of single sequences (indices ``sequence`` (M,)) -> (M, D, *s) latent maps."""
         if self.kind == "vq_seq2seq":
             return self.backbone.quantize(x).z_q
-        return self.backbone.encode(x)
+        return self.backbone.encode(x, sequence)
 
     @torch.no_grad()
     def forward(self, images: Tensor, available: Tensor) -> Tensor:
         available = available.bool()
         if bool((available.sum(1) == 0).any()):
             raise ValueError("every sample needs at least one available sequence")
+        if getattr(self.backbone, "joint_input", False):
+            return self.backbone.encode_joint(images.float(), available.float())
         b_idx, s_idx = available.nonzero(as_tuple=True)
-        z = self.encode_one(images[b_idx, s_idx].float())
+        z = self.encode_one(images[b_idx, s_idx].float(), s_idx)
         fused = z.new_zeros((images.shape[0],) + tuple(z.shape[1:]))
         fused.index_add_(0, b_idx, z)
         counts = available.sum(1).to(z.dtype).reshape(-1, *([1] * (z.dim() - 1)))

@@ -15,6 +15,15 @@ documentation/benchmarks.md). So that fusion code keeps working on one tensor, t
 encoding: each is folded to the bottleneck resolution (``space_to_depth``, a reshape) and stacked after the
 bottleneck channels. Averaging or weighting encodings therefore averages or weights every skip map the same way.
 
+Joint input (plans ``network.joint_input``; not in the paper, on in nnsynth's default plans): the encoder reads
+all of a case's given sequences at once, one channel group per sequence of the dataset, each multiplied by its
+availability, plus one availability plane per sequence. A single source is the stack with one group filled, so
+``encode(x, source)`` still gives a per-source encoding (TSF weights those); several sources are encoded
+together, and the encoder sees which intensities co-occur at a voxel. The paper's separate encodings meet only
+as a mean in latent space, where that joint information is gone: on the demo data a 3-source latent mean was
+no better than the best single source, while a voxelwise lookup over the three sources beats any one of them by
+7 dB (documentation/benchmarks.md).
+
 Sizes that are not multiples of the down-sampling factor are padded with background (0) by ``encode`` and
 cropped back by ``decode(..., output_size=...)`` / ``forward``.
 """
@@ -53,6 +62,7 @@ DEFAULT_SEQ2SEQ_NETWORK: Dict[str, Any] = {
     "res_kernel_size": 3,            # kernel of the (hyper) residual blocks
     "skip_connections": False,       # encoder -> decoder skips at every resolution (not in the paper)
     "source_conditioning": False,    # the encoder's first conv is a HyperConv on the source's code (not in the paper)
+    "joint_input": False,            # the encoder reads every given sequence at once as channels (not in the paper)
 }
 # small init of the last HyperConv so the Tanh starts in its linear range, not saturated
 FINAL_LAYER_INIT_GAIN = 0.5
@@ -86,9 +96,12 @@ def resolve_network_config(network: Mapping[str, Any]) -> Dict[str, Any]:
             problems.append(f"{key} must be >= 0, got {cfg[key]}")
     if int(cfg["hyper_bank_size"]) < 1 or int(cfg["code_length"]) < 1:
         problems.append("hyper_bank_size and code_length must be >= 1")
-    for key in ("skip_connections", "source_conditioning"):
+    for key in ("skip_connections", "source_conditioning", "joint_input"):
         if not isinstance(cfg[key], bool):
             problems.append(f"{key} must be true or false, got {cfg[key]!r}")
+    if cfg["joint_input"] is True and cfg["source_conditioning"] is True:
+        problems.append("joint_input and source_conditioning exclude each other (a joint encoder already knows "
+                        "which sequence each channel holds): switch source_conditioning off")
     if int(cfg["res_kernel_size"]) % 2 == 0:
         problems.append(f"res_kernel_size must be odd, got {cfg['res_kernel_size']}")
     if problems:
@@ -220,7 +233,11 @@ class Seq2SeqNet(nn.Module):
         self.network_config = cfg
         self.code_length = cfg["code_length"]
         self.divisor = downsample_factor(cfg)
-        self.encoder = Encoder(self.in_channels, self.spatial_dims, cfg)
+        self.joint_input = bool(cfg["joint_input"])
+        #: encoder input channels: one stack, or (joint) every sequence's stack plus its availability plane
+        self.encoder_in_channels = (self.num_sequences * (self.in_channels + 1) if self.joint_input
+                                    else self.in_channels)
+        self.encoder = Encoder(self.encoder_in_channels, self.spatial_dims, cfg)
         self.decoder = HyperDecoder(self.in_channels, self.spatial_dims, cfg)
         self.skip_connections = bool(cfg["skip_connections"])
         self.source_conditioning = bool(cfg["source_conditioning"])
@@ -271,22 +288,96 @@ class Seq2SeqNet(nn.Module):
     def encode(self, x: Tensor, source: Optional[Tensor] = None) -> Tensor:
         """E(x): x (B, in_channels, *S) in [0, 1] -> features (B, C_lat, *ceil(S / 4)).
 
-        ``source`` (indices (B,), one int, or codes) names x's sequence; required with ``source_conditioning``,
-        ignored otherwise (the paper's encoder does not know what it reads).
+        ``source`` (indices (B,), one int, or codes) names x's sequence; required with ``source_conditioning``
+        and ``joint_input`` (x then fills its sequence's channel group, the others are absent), ignored otherwise
+        (the paper's encoder does not know what it reads).
 
         Sizes that are not multiples of the down-sampling factor are padded at the end with 0 (background).
         With skip connections the folded skip maps follow the bottleneck channels (module docstring)."""
         self._check_input(x)
-        size = tuple(x.shape[2:])
-        target = self.padded_size(size)
-        if target != size:
-            pads: List[int] = []
-            for s, t in zip(reversed(size), reversed(target)):
-                pads += [0, t - s]
-            x = F.pad(x, pads, mode="constant", value=0.0)
+        if self.joint_input:
+            if source is None:
+                raise ValueError("this network's encoder reads every sequence in its own channels "
+                                 "(network.joint_input): pass encode(x, source)")
+            rows = torch.arange(x.shape[0], device=x.device)
+            return self.encode_joint(*self.joint_stack(x, rows, self._source_indices(source, x.shape[0]),
+                                                       x.shape[0]))
+        x = self._pad(x)
         code = self._source_code(source, x.shape[0])
         bottleneck, skips = self.encoder.forward_with_skips(x * 2.0 - 1.0, code)
         return self.decoder.pack(bottleneck, skips) if self.skip_connections else bottleneck
+
+    def _pad(self, x: Tensor) -> Tensor:
+        """Pad the trailing spatial dims with 0 up to multiples of the down-sampling factor."""
+        size = tuple(x.shape[-self.spatial_dims:])
+        target = self.padded_size(size)
+        if target == size:
+            return x
+        pads: List[int] = []
+        for s, t in zip(reversed(size), reversed(target)):
+            pads += [0, t - s]
+        return F.pad(x, pads, mode="constant", value=0.0)
+
+    def joint_stack(self, x: Tensor, rows: Tensor, sources: Tensor, num_rows: int) -> Tuple[Tensor, Tensor]:
+        """Scatter source stacks x (M, k, *S) into per-row sequence slots: -> images (num_rows, N, k, *S) and
+        availability (num_rows, N); stack m goes to row ``rows[m]``, slot ``sources[m]``."""
+        rows = torch.as_tensor(rows, device=x.device).long()
+        sources = torch.as_tensor(sources, device=x.device).long()
+        if rows.shape != (x.shape[0],) or sources.shape != (x.shape[0],):
+            raise ValueError(f"rows and sources need one entry per source stack ({x.shape[0]}), got "
+                             f"{tuple(rows.shape)} and {tuple(sources.shape)}")
+        images = x.new_zeros((num_rows, self.num_sequences) + tuple(x.shape[1:]))
+        images[rows, sources] = x
+        available = x.new_zeros((num_rows, self.num_sequences))
+        available[rows, sources] = 1.0
+        return images, available
+
+    def encode_joint(self, images: Tensor, available: Tensor) -> Tensor:
+        """Joint encoding of several sequences (``joint_input`` networks): images (B, N, k, *S) in [0, 1] with
+        every sequence slot (absent ones may hold anything), available (B, N) zero-one -> (B, C_lat, ...)."""
+        if not self.joint_input:
+            raise ValueError("encode_joint needs a network with joint_input; encode each source and fuse instead")
+        b, n = images.shape[:2]
+        if images.dim() != self.spatial_dims + 3 or n != self.num_sequences or images.shape[2] != self.in_channels:
+            raise ValueError(f"images must be (B, {self.num_sequences}, {self.in_channels}, "
+                             f"*{self.spatial_dims} spatial dims), got {tuple(images.shape)}")
+        if tuple(available.shape) != (b, n):
+            raise ValueError(f"available must be ({b}, {n}), got {tuple(available.shape)}")
+        if not bool((available.sum(1) > 0).all()):
+            raise ValueError("every row needs at least one available sequence")
+        images = self._pad(images)
+        m = available.to(images.dtype).view((b, n) + (1,) * (images.dim() - 2))
+        scaled = ((images * 2.0 - 1.0) * m).flatten(1, 2)              # absent sequences read as 0
+        planes = (m[:, :, 0] * 2.0 - 1.0).expand((b, n) + tuple(images.shape[3:]))
+        bottleneck, skips = self.encoder.forward_with_skips(torch.cat([scaled, planes], 1))
+        return self.decoder.pack(bottleneck, skips) if self.skip_connections else bottleneck
+
+    def encode_sources(self, sources: Mapping[int, Tensor]) -> Tensor:
+        """One encoding from several sources {sequence index: (B, k, *S)}: the joint encoding with
+        ``joint_input``, else the mean of the per-source encodings (the TSF paper's "average" fusion)."""
+        if not sources:
+            raise ValueError("no source sequence given")
+        if not self.joint_input:
+            return torch.stack([self.encode(x, int(s)) for s, x in sources.items()]).mean(0)
+        first = next(iter(sources.values()))
+        images = first.new_zeros((first.shape[0], self.num_sequences) + tuple(first.shape[1:]))
+        available = first.new_zeros((first.shape[0], self.num_sequences))
+        for s, x in sources.items():
+            self._check_input(x)
+            images[:, int(s)] = x
+            available[:, int(s)] = 1.0
+        return self.encode_joint(images, available)
+
+    def _source_indices(self, source: Any, batch: int) -> Tensor:
+        if isinstance(source, int) or (torch.is_tensor(source) and source.dim() == 0):
+            return torch.full((batch,), int(source), dtype=torch.long, device=self._device())
+        source = torch.as_tensor(source, device=self._device())
+        if source.dim() != 1 or source.shape[0] != batch or source.dtype.is_floating_point:
+            raise ValueError(f"source must be {batch} integer sequence indices, got {tuple(source.shape)}")
+        if source.numel() and (int(source.min()) < 0 or int(source.max()) >= self.num_sequences):
+            raise ValueError(f"source sequence indices must be in [0, {self.num_sequences - 1}], "
+                             f"got {source.tolist()}")
+        return source.long()
 
     def _source_code(self, source: Optional[Tensor], batch: int) -> Optional[Tensor]:
         if not self.source_conditioning:
@@ -322,21 +413,30 @@ class Seq2SeqNet(nn.Module):
 
         ``groups`` (M,) fuses several sources per output: x then holds M source stacks, ``groups[m]`` names the
         output row (0..B-1, B = len(target)) that stack m belongs to, and each row decodes the mean of its
-        sources' encodings (multi-source training, the TSF paper's "average" fusion). Without ``groups`` every
+        sources' encodings (multi-source training, the TSF paper's "average" fusion), or with ``joint_input`` the
+        joint encoding of its sources (a sequence given twice in one row counts once). Without ``groups`` every
         stack is its own row, which is exactly the paper's one-to-one Seq2Seq. ``source`` (one per stack) names
         the input sequences; only a network with ``source_conditioning`` needs it."""
         code = self._as_code(target)
-        features = self.encode(x, source)
-        if groups is not None:
-            features = fuse_mean(features, groups, code.shape[0])
-        elif code.shape[0] not in (1, x.shape[0]):
+        if groups is None and code.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"batch size of target ({code.shape[0]}) does not match the input ({x.shape[0]})")
+        if self.joint_input and groups is not None:
+            self._check_input(x)
+            if source is None:
+                raise ValueError("a joint_input network needs the source sequence of every stack: pass source")
+            features = self.encode_joint(*self.joint_stack(x, groups, self._source_indices(source, x.shape[0]),
+                                                           code.shape[0]))
+        else:
+            features = self.encode(x, source)
+            if groups is not None:
+                features = fuse_mean(features, groups, code.shape[0])
         return self.decode(features, code, output_size=x.shape[2:])
 
     # ------------------------------------------------------------------------------------------------
     def estimate_feature_map_voxels(self, patch_size: Sequence[int]) -> int:
         """Activation elements kept per sample for one forward/backward at ``patch_size`` (planner memory model)."""
-        return estimate_feature_map_voxels(patch_size, self.network_config, self.in_channels)
+        return estimate_feature_map_voxels(patch_size, self.network_config, self.in_channels,
+                                           self.num_sequences)
 
     def count_parameters(self, trainable_only: bool = True) -> int:
         return count_parameters(self, trainable_only)
@@ -357,10 +457,12 @@ def fuse_mean(features: Tensor, groups: Tensor, rows: int) -> Tensor:
     return summed / counts.to(features.dtype).view(shape)
 
 
-def estimate_feature_map_voxels(patch_size: Sequence[int], network: Mapping[str, Any], in_channels: int = 1) -> int:
+def estimate_feature_map_voxels(patch_size: Sequence[int], network: Mapping[str, Any], in_channels: int = 1,
+                                num_sequences: int = 1) -> int:
     """Sum over the feature maps a training step stores (conv, norm, padding copies, residual sums) of
     channels x voxels, per sample. Multiply by 4 bytes x batch size (x ~1.3 for workspace) for memory."""
     cfg = resolve_network_config(network)
+    enc_in = num_sequences * (in_channels + 1) if cfg["joint_input"] else in_channels
     chans, kernels = cfg["encoder_channels"], cfg["encoder_kernel_sizes"]
     d = downsample_factor(cfg)
     padded = [int(math.ceil(int(s) / d) * d) for s in patch_size]
@@ -370,9 +472,9 @@ def estimate_feature_map_voxels(patch_size: Sequence[int], network: Mapping[str,
         return int(math.prod((s >> level) + 2 * pad for s in padded))
 
     r = cfg["res_kernel_size"] // 2
-    total = in_channels * vox(0)                                               # scaled input
+    total = enc_in * vox(0)                                                    # scaled input
     # encoder: padded input copy + conv output + norm output per ConvNormAct
-    total += (in_channels * vox(0, kernels[0] // 2) if reflect else 0) + 2 * chans[0] * vox(0)
+    total += (enc_in * vox(0, kernels[0] // 2) if reflect else 0) + 2 * chans[0] * vox(0)
     for i in range(1, len(chans)):
         total += (chans[i - 1] * vox(i - 1, kernels[i] // 2) if reflect else 0) + 2 * chans[i] * vox(i)
     last = len(chans) - 1

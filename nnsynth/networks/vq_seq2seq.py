@@ -76,9 +76,10 @@ class VQSeq2SeqNet(Seq2SeqNet):
                  vq: Optional[Mapping[str, Any]] = None) -> None:
         # the quantised common latent space must be the only way from a source to the decoder: skip connections
         # would bypass the codebook and eq. 7's consistency, so the plans' skip setting does not apply here
-        # (nor is its encoder told which sequence it reads: z_q must be a property of the anatomy)
+        # (nor is its encoder told which sequence it reads, nor does it read several at once: z_q must be a
+        # property of the anatomy, one per sequence, for the common latent space of eq. 4-5)
         super().__init__(num_sequences, in_channels, spatial_dims,
-                         {**network, "skip_connections": False, "source_conditioning": False})
+                         {**network, "skip_connections": False, "source_conditioning": False, "joint_input": False})
         vq = dict(vq or {})
         self.vqc_variance = str(vq.get("vqc_variance", VQC_DEFAULT_VARIANCE))
         if self.vqc_variance not in VQC_VARIANCE_CHOICES:

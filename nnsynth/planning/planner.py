@@ -100,12 +100,13 @@ def default_memory_gb(device: str) -> float:
 # --- cost model of the Seq2Seq network --------------------------------------------------------------------
 
 def _convs(channels: Sequence[int], kernels: Sequence[int], n_res: int, n_hyper: int, k_in: int,
-           spatial_dims: int, skips: bool = False) -> List[Tuple[int, int, int, int]]:
-    """(level, kernel volume, c_in, c_out) of every convolution of encoder + HyperConv decoder."""
+           spatial_dims: int, skips: bool = False, enc_in: Optional[int] = None) -> List[Tuple[int, int, int, int]]:
+    """(level, kernel volume, c_in, c_out) of every convolution of encoder + HyperConv decoder; ``enc_in`` is
+    the encoder's input channels when they differ from the k_in output channels (joint input)."""
     c0, c1, c2 = channels
     kv = [int(k) ** spatial_dims for k in kernels]
     k3 = 3 ** spatial_dims
-    convs = [(0, kv[0], k_in, c0), (1, kv[1], c0, c1), (2, kv[2], c1, c2)]
+    convs = [(0, kv[0], enc_in or k_in, c0), (1, kv[1], c0, c1), (2, kv[2], c1, c2)]
     convs += [(2, k3, c2, c2)] * (2 * (n_res + n_hyper))
     convs += [(1, k3, c2, c1), (0, k3, c1, c0), (0, kv[0], c0, k_in)]
     if skips:   # the merge HyperConv after each up-sampling (concatenated skip map in)
@@ -113,7 +114,8 @@ def _convs(channels: Sequence[int], kernels: Sequence[int], n_res: int, n_hyper:
     return convs
 
 
-def iteration_cost(patch: Sequence[int], net: Dict[str, Any], k_in: int = 1) -> Tuple[float, float]:
+def iteration_cost(patch: Sequence[int], net: Dict[str, Any], k_in: int = 1,
+                   num_sequences: int = 1) -> Tuple[float, float]:
     """(multiply-adds, stored activation values) of one forward pass for ONE sample.
 
     Every conv stores its output, its normalised output and its activation for backward (3 values per
@@ -124,7 +126,8 @@ def iteration_cost(patch: Sequence[int], net: Dict[str, Any], k_in: int = 1) -> 
     flops, acts = 0.0, 0.0
     for level, kvol, cin, cout in _convs(net["encoder_channels"], net["encoder_kernel_sizes"],
                                          net["num_res_blocks"], net["num_hyper_res_blocks"], k_in, dims,
-                                         bool(net.get("skip_connections", False))):
+                                         bool(net.get("skip_connections", False)),
+                                         num_sequences * (k_in + 1) if net.get("joint_input") else k_in):
         v = vox / (2 ** dims) ** level
         flops += kvol * cin * cout * v
         acts += 3 * cout * v
@@ -212,7 +215,7 @@ class DefaultPlanner:
                 "hyper_bank_size": 16, "code_length": self.code_length(),
                 "hyper_mlp_hidden": 64, "norm": "instance", "negative_slope": 0.2, "padding_mode": "reflect",
                 "upsample_mode": "nearest", "res_kernel_size": 3, "skip_connections": True,
-                "source_conditioning": False}
+                "source_conditioning": False, "joint_input": True}
 
     def normalization(self) -> Dict[str, Any]:
         """``median_anchor`` with per-sequence ratios from the fingerprint (preprocessing/normalization.py); a
@@ -232,12 +235,13 @@ class DefaultPlanner:
         if self.device == "cpu":
             ref = dict(self.network(2), **{k: v for k, v in CPU_REFERENCE.items() if k in
                                             ("encoder_channels", "num_res_blocks", "num_hyper_res_blocks")})
-            flops, _ = iteration_cost(CPU_REFERENCE["patch_size"], ref, CPU_REFERENCE["num_adjacent_slices"])
+            flops, _ = iteration_cost(CPU_REFERENCE["patch_size"], ref, CPU_REFERENCE["num_adjacent_slices"],
+                                      self.num_sequences)
             return "flops", flops * CPU_REFERENCE["batch_size"]
         return "bytes", self.memory_gb * 2 ** 30 * ACTIVATION_MEMORY_FRACTION
 
     def _sample_cost(self, patch: Sequence[int], net: Dict[str, Any], k_in: int) -> Tuple[float, float]:
-        flops, acts = iteration_cost(patch, net, k_in)
+        flops, acts = iteration_cost(patch, net, k_in, self.num_sequences)
         bytes_per_value = 2 if self.device == "cuda" else 4  # AMP on CUDA
         # backward keeps the forward activations and builds as many gradients
         return flops, acts * bytes_per_value * 2

@@ -14,8 +14,9 @@ Multi-source training (plans ``training.per_trainer.seq2seq.multi_source``, on b
 sample draws a target among the case's available sequences and, as sources, either the target itself
 (self-reconstruction, with the paper's 1/|available| odds) or a random non-empty subset of the other available
 sequences; the decoder reads the mean of the sources' encodings (the "average" fusion the TSF paper compares
-with). With one source this is exactly eq. 1's one-to-one pair; with several it teaches the one decoder to
-use what every given sequence shows (a lesion seen only on T2, say). Prediction then fuses in latent space.
+with), or with ``network.joint_input`` (default in new plans) their joint encoding. With one source this is
+exactly eq. 1's one-to-one pair; with several it teaches the one decoder to use what every given sequence
+shows (a lesion seen only on T2, say). Prediction then fuses the same way.
 With ``multi_source`` off the trainer is the paper's one-to-one Seq2Seq, and prediction from several sources
 averages the per-source outputs (output space).
 """
@@ -72,9 +73,12 @@ class Seq2SeqTrainer(TrainingEngine):
 
     @property
     def fusion(self) -> str:
-        """How prediction combines several sources: encodings averaged ("latent") when the model was trained
-        to fuse them, otherwise the per-source outputs averaged ("output")."""
-        return "latent" if self.multi_source else "output"
+        """How prediction combines several sources when the model was trained to fuse them: one joint encoding
+        ("joint", ``network.joint_input``) or the mean of the encodings ("latent"); otherwise the per-source
+        outputs are averaged ("output")."""
+        if not self.multi_source:
+            return "output"
+        return "joint" if bool(self.config["network"].get("joint_input", False)) else "latent"
 
     # ----- network and losses ------------------------------------------------------------------------------
     def build_network(self) -> nn.Module:
@@ -98,8 +102,8 @@ class Seq2SeqTrainer(TrainingEngine):
         if self.lambda_cycle > 0:
             logger.info("Cycle-consistency term on, weight %s", self.lambda_cycle)
         if self.multi_source:
-            logger.info("Multi-source training: sources are random subsets of each case's sequences, fused by "
-                        "the mean of their encodings")
+            logger.info("Multi-source training: sources are random subsets of each case's sequences, %s",
+                        "encoded jointly" if self.fusion == "joint" else "fused by the mean of their encodings")
 
     def build_sampler(self) -> SynthesisSampler:
         """Multi-source training needs every sequence of a case per sample; else the engine's pair sampler."""
@@ -189,10 +193,10 @@ class Seq2SeqTrainer(TrainingEngine):
         net = self.network
         any_src = next(iter(sources.values()))
         tgt = torch.full((any_src.shape[0],), int(target), dtype=torch.long, device=any_src.device)
-        if self.fusion == "latent":
-            feats = torch.stack([net.encode(x, int(s)) for s, x in sources.items()]).mean(0)
-            return net.decode(feats, tgt, output_size=any_src.shape[2:])
+        if self.fusion != "output":
+            return net.decode(net.encode_sources(sources), tgt, output_size=any_src.shape[2:])
         return torch.stack([net(x, tgt, None, torch.full_like(tgt, int(s))) for s, x in sources.items()]).mean(0)
 
     def full_volume_method(self) -> str:
-        return f"{super().full_volume_method()}, sources averaged in {self.fusion} space"
+        how = "encoded jointly" if self.fusion == "joint" else f"averaged in {self.fusion} space"
+        return f"{super().full_volume_method()}, sources {how}"
