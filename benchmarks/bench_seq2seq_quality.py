@@ -21,7 +21,8 @@ from typing import List, Optional
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from intensity_lookup_baseline import _channel_ids, run as run_baseline, score_predictions  # noqa: E402
+from intensity_lookup_baseline import (_channel_ids, calibration_diagnostics, run as run_baseline,  # noqa: E402
+                                       score_predictions)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -86,6 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if rc != 0:
         return 1
     per_case, model = score_predictions(truth, out, cases, f"_{ids[a.target]}{ending}")
+    diagnostics = calibration_diagnostics(truth, out, cases, f"_{ids[a.target]}{ending}")
     # the baseline (per-image percentiles) and the same lookup on nnsynth's median-anchor normalisation;
     # the gain is reported against the stronger of the two
     bases = {n: run_baseline(raw, a.sources, a.target, "imagesTs_truth", n)
@@ -96,10 +98,11 @@ def main(argv: Optional[List[str]] = None) -> int:
               "fold": a.fold, "threads": __import__("torch").get_num_threads(), "test_cases": len(cases),
               "seq2seq": model, "baseline": base["mean"], "baseline_normalization": base["normalization"],
               "baselines": {n: b["mean"] for n, b in bases.items()},
-              "psnr_gain_db": model["psnr"] - base["mean"]["psnr"],
+              "psnr_gain_db": model["psnr"] - base["mean"]["psnr"], "calibration": diagnostics,
               "target_gain_db": 5.0, "timings": timings, "per_case": per_case, "baseline_per_case": base["per_case"]}
     (a.work / "bench_seq2seq_quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    sys.stdout.write(json.dumps({k: result[k] for k in ("seq2seq", "baselines", "psnr_gain_db", "test_cases",
+    sys.stdout.write(json.dumps({k: result[k] for k in ("seq2seq", "baselines", "psnr_gain_db", "calibration",
+                                                        "test_cases",
                                                         "timings")}, indent=2) + "\n")
     return 0
 

@@ -70,6 +70,27 @@ def score_predictions(truth: Path, predictions: Path, cases: Sequence[str], file
     return rows, _mean(rows)
 
 
+def calibration_diagnostics(truth: Path, predictions: Path, cases: Sequence[str], file_suffix: str
+                            ) -> Dict[str, float]:
+    """Why a prediction scores what it scores under CONTRACT.md section 5, where each image is scaled by its OWN
+    0.5/99.5 percentiles: the median brain intensity of truth and prediction after that scaling (if the
+    prediction's brightest 0.5 % -- a lesion -- is too dim, its whole brain sits too high), and the PSNR the
+    prediction would reach after the best affine intensity map onto the truth (least squares inside the mask),
+    i.e. with its intensity scale fixed and its spatial errors left. Means over the cases."""
+    from nnsynth.evaluation.metrics import normalize_pair
+    rows = []
+    for case in cases:
+        ref = read_image(truth / f"{case}{file_suffix}")[0]
+        pred = read_image(predictions / f"{case}{file_suffix}")[0]
+        r, p, m = normalize_pair(ref, pred)
+        m = np.asarray(m, bool)
+        design = np.stack([p[m], np.ones(int(m.sum()))], 1)
+        fit = design @ np.linalg.lstsq(design, r[m], rcond=None)[0]
+        rows.append({"truth_median": float(np.median(r[m])), "prediction_median": float(np.median(p[m])),
+                     "affine_psnr": float(10 * np.log10(1.0 / max(float(np.mean((fit - r[m]) ** 2)), 1e-12)))})
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+
+
 def _mean(rows: Sequence[Dict[str, object]]) -> Dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in METRICS} if rows else {}
 

@@ -71,6 +71,36 @@ def test_seq2seq_loss_weights_from_plans():
     assert terms["perceptual"] == 0.0 and abs(terms["loss"] - 2.0 * terms["l1"]) < 1e-6
 
 
+def test_intensity_balance_weights_by_hand():
+    """One sample: 4 background voxels, 12 tissue voxels at 0.4 (bin 8), 4 lesion voxels at 0.95 (bin 19)."""
+    from nnsynth.losses.reconstruction import intensity_balance_weights
+    t = torch.tensor([0.0] * 4 + [0.4] * 12 + [0.95] * 4).reshape(1, 1, 4, 5)
+    w = intensity_balance_weights(t, 0.5).flatten()
+    raw_tissue, raw_lesion = (12 / 16) ** -0.5, (4 / 16) ** -0.5
+    mean = (12 * raw_tissue + 4 * raw_lesion) / 16
+    torch.testing.assert_close(w[:4], torch.ones(4))                              # background: 1
+    torch.testing.assert_close(w[4:16], torch.full((12,), raw_tissue / mean))
+    torch.testing.assert_close(w[16:], torch.full((4,), raw_lesion / mean))
+    assert abs(float(w[4:].mean()) - 1.0) < 1e-6                                 # mean 1 over the foreground
+    assert torch.equal(intensity_balance_weights(t, 0.0), torch.ones_like(t))     # alpha 0: plain L1
+    # the cap, and samples are balanced independently
+    rare = torch.zeros(2, 1, 50, 50)
+    rare[0, 0, :, :] = 0.3
+    rare[0, 0, 0, 0] = 0.9
+    rare[1, 0, :10] = 0.6
+    w = intensity_balance_weights(rare, 1.0, max_weight=10.0)
+    assert float(w[0, 0, 0, 0]) == 10.0 and float(w[1].max()) == pytest.approx(1.0)
+    # in the loss: a prediction missing the lesion costs more than with plain L1
+    pred = t.clone().flatten()
+    pred[16:] = 0.4
+    pred = pred.reshape(t.shape)
+    plain = Seq2SeqLoss.from_config({"seq2seq": {"lambda_l1": 1.0}})(pred, t)
+    bal = Seq2SeqLoss.from_config({"seq2seq": {"lambda_l1": 1.0, "intensity_balance": 0.5}})(pred, t)
+    assert float(bal) > 1.4 * float(plain)        # 0.161 vs 0.110
+    with pytest.raises(NnsynthError, match="intensity_balance"):
+        Seq2SeqLoss.from_config({"seq2seq": {"intensity_balance": 2}})
+
+
 def test_perceptual_unavailable_logs_once_and_returns_zero(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.delenv("NNSYNTH_LPIPS_WEIGHTS", raising=False)

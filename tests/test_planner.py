@@ -52,7 +52,7 @@ def test_paper_anchor_values_on_gpu_scale():
     assert c["network"]["encoder_channels"] == [64, 128, 256]
     assert c["num_adjacent_slices"] == 3 and c["training"]["amp"] is True
     assert c["loss"]["seq2seq"] == {"lambda_l1": 10.0, "lambda_perceptual": 0.01, "lambda_adv": 0.0,
-                                    "lambda_cycle": 0.0}
+                                    "lambda_cycle": 0.0, "intensity_balance": 0.5}   # 0.5: not in the paper
     assert c["vq"]["beta"] == 0.25 and c["loss"]["vq_seq2seq"]["tau"] == 0.07
 
 
@@ -61,6 +61,15 @@ def test_codebook_shrinks_for_small_datasets():
     large = plan(n_cases=200)["configurations"]["2d"]["vq"]
     assert small["codebook_size"] == 16 < large["codebook_size"] == 256
     assert small["codebook_size"] & (small["codebook_size"] - 1) == 0  # power of two
+
+
+def test_synthesis_defaults_beyond_the_paper():
+    """New plans: skip connections and joint input in the network (VQ-Seq2Seq ignores both), intensity-balanced
+    L1 for seq2seq and tsf_seq2seq (training.md); each can be switched back to the paper with --overwrite."""
+    for c in plan()["configurations"].values():
+        assert c["network"]["skip_connections"] is True and c["network"]["joint_input"] is True
+        assert c["network"]["source_conditioning"] is False
+        assert c["loss"]["seq2seq"]["intensity_balance"] == c["loss"]["tsf_seq2seq"]["intensity_balance"] == 0.5
 
 
 def test_isotropic_identity_transpose():

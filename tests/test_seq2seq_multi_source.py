@@ -15,6 +15,8 @@ def _multi_plans(joint=False, **kw):
     plans = tiny_plans(**kw)
     plans["configurations"]["2d"]["training"]["per_trainer"] = {"seq2seq": {"multi_source": True}}
     plans["configurations"]["2d"]["network"]["joint_input"] = joint
+    if joint:   # as new plans have it: intensity-balanced L1 (losses/reconstruction.py)
+        plans["configurations"]["2d"]["loss"]["intensity_balance"] = 0.5
     return plans
 
 
@@ -76,6 +78,7 @@ def test_multi_source_training_improves_and_predicts_from_fused_sources(tmp_path
     assert trainer.multi_source and trainer.fusion == ("joint" if joint else "latent")
     fresh = copy.deepcopy(trainer)
     trainer.run_training()
+    assert trainer.recon_loss.intensity_balance == (0.5 if joint else 0.0)
     losses = trainer.logs["train_loss"]
     assert losses[-1] < 0.8 * losses[0], losses
     from nnsynth.training.dataloading import MultiSequenceSampler

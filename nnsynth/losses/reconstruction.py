@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from nnsynth.exceptions import PlansError
@@ -14,6 +15,8 @@ logger = logging.getLogger(__name__)
 # --- module constants (listed in the hand-over; candidates for nnsynth/constants.py) ---------------
 SEQ2SEQ_LAMBDA_L1 = 10.0           # paper eq. 1, lambda_r
 SEQ2SEQ_LAMBDA_PERCEPTUAL = 0.01   # paper eq. 1, lambda_p
+INTENSITY_BALANCE_BINS = 20        # histogram bins over [0, 1] for intensity-balanced L1
+INTENSITY_BALANCE_MAX_WEIGHT = 10.0  # cap on one voxel's weight (relative to the sample's mean weight 1)
 # -----------------------------------------------------------------------------------------------------
 
 
@@ -28,6 +31,29 @@ def masked_l1(pred: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Te
         return diff.mean()
     weights = mask.to(diff.dtype).expand_as(diff)
     return (diff * weights).sum() / weights.sum().clamp_min(1e-12)     # sync-free; empty mask -> 0 / eps = 0
+
+
+def intensity_balance_weights(target: Tensor, alpha: float, bins: int = INTENSITY_BALANCE_BINS,
+                              max_weight: float = INTENSITY_BALANCE_MAX_WEIGHT) -> Tensor:
+    """Per-voxel L1 weights that counter regression to the mean: inside each sample's foreground (target > 0) a
+    voxel weighs ``p(bin)^-alpha``, p = the share of the sample's foreground voxels whose target intensity falls
+    in the same of ``bins`` bins over [0, 1], rescaled to mean 1 over the foreground and capped at
+    ``max_weight``; background voxels weigh 1. Rare intensities (a lesion, a thin bright structure) then count
+    as much as their contrast deserves, not as little as their volume. No gradient flows through the weights.
+
+    alpha = 0 gives all ones (plain L1); 0.5 is the inverse-square-root re-weighting of imbalanced regression."""
+    with torch.no_grad():
+        b = target.shape[0]
+        flat = target.detach().reshape(b, -1).float()
+        fg = flat > 0
+        idx = (flat.clamp(0.0, 1.0) * bins).long().clamp_max(bins - 1)
+        counts = torch.zeros(b, bins, device=flat.device).scatter_add_(1, idx, fg.float())
+        share = counts / counts.sum(1, keepdim=True).clamp_min(1.0)
+        w = share.gather(1, idx).clamp_min(1e-6).pow(-float(alpha)) * fg
+        mean = w.sum(1, keepdim=True) / fg.sum(1, keepdim=True).clamp_min(1)
+        w = (w / mean.clamp_min(1e-12)).clamp_max(float(max_weight))
+        w = torch.where(fg, w, torch.ones_like(w))
+        return w.reshape(target.shape).to(target.dtype)
 
 
 def _weights_from_config(loss: Optional[Mapping[str, Any]], trainer: str) -> Dict[str, float]:
@@ -47,7 +73,21 @@ def _weights_from_config(loss: Optional[Mapping[str, Any]], trainer: str) -> Dic
             raise PlansError(f"loss weight {key} in the plans must be a number, got {value!r}") from exc
         if out[key] < 0:
             raise PlansError(f"loss weight {key} in the plans must be >= 0, got {out[key]}")
+    out["intensity_balance"] = intensity_balance_from_config(cfg)
     return out
+
+
+def intensity_balance_from_config(cfg: Mapping[str, Any]) -> float:
+    """The plans' ``intensity_balance`` exponent (absent: 0, plain L1, as plans made before it existed)."""
+    balance = cfg.get("intensity_balance", 0.0)
+    try:
+        value = float(balance)
+    except (TypeError, ValueError) as exc:
+        raise PlansError(f"loss intensity_balance in the plans must be a number (0 = plain L1), got {balance!r}") from exc
+    if not 0.0 <= value <= 1.0:
+        raise PlansError(f"loss intensity_balance must be in [0, 1] (0 = plain L1, 0.5 = inverse square root "
+                         f"frequency), got {value}")
+    return value
 
 
 class Seq2SeqLoss(nn.Module):
@@ -57,11 +97,13 @@ class Seq2SeqLoss(nn.Module):
     weights) or its weight is 0. Sum over ordered pairs is the trainer's job (one pair per sample)."""
 
     def __init__(self, lambda_l1: float = SEQ2SEQ_LAMBDA_L1, lambda_perceptual: float = SEQ2SEQ_LAMBDA_PERCEPTUAL,
-                 perceptual: Optional[PerceptualLoss] = None) -> None:
+                 perceptual: Optional[PerceptualLoss] = None, intensity_balance: float = 0.0) -> None:
         super().__init__()
         self.lambda_l1 = float(lambda_l1)
         self.lambda_perceptual = float(lambda_perceptual)
         self.perceptual = perceptual
+        #: exponent of ``intensity_balance_weights`` for the L1 term when no mask is given (0: plain L1)
+        self.intensity_balance = float(intensity_balance)
 
     @classmethod
     def from_config(cls, loss: Optional[Mapping[str, Any]], perceptual: Optional[PerceptualLoss] = None,
@@ -75,6 +117,8 @@ class Seq2SeqLoss(nn.Module):
 
     def terms(self, pred: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """Total ('loss') and unweighted terms ('l1', 'perceptual') as tensors (no device sync)."""
+        if mask is None and self.intensity_balance > 0:
+            mask = intensity_balance_weights(target, self.intensity_balance)
         l1 = masked_l1(pred, target, mask)
         total = self.lambda_l1 * l1
         p = pred.new_zeros(())
@@ -93,4 +137,4 @@ class Seq2SeqLoss(nn.Module):
         return self.terms(pred, target, mask)["loss"]
 
 
-__all__ = ["masked_l1", "Seq2SeqLoss", "SEQ2SEQ_LAMBDA_L1", "SEQ2SEQ_LAMBDA_PERCEPTUAL"]
+__all__ = ["masked_l1", "intensity_balance_weights", "intensity_balance_from_config", "Seq2SeqLoss", "SEQ2SEQ_LAMBDA_L1", "SEQ2SEQ_LAMBDA_PERCEPTUAL"]

@@ -60,6 +60,9 @@ FSQ_LEVEL, FSQ_TOTAL_DIMS, FSQ_MIN_DIM, FSQ_MAX_DIM = 5, 28, 4, 12
 #: sequence-code length: paper code 64, always >= number of sequences
 CODE_LENGTH_ANCHOR = 64
 NUM_ADJACENT_SLICES = 3
+# exponent of the intensity-balanced L1 of seq2seq / tsf_seq2seq (losses/reconstruction.py; 0 = the paper's
+# plain L1): 0.5 weighs each voxel by 1/sqrt(share of its intensity bin), so lesions are not averaged away
+INTENSITY_BALANCE = 0.5
 
 TRAINERS = ("seq2seq", "vq_seq2seq", "tsf_seq2seq", "codebrain", "seg_from_latent")
 
@@ -323,12 +326,14 @@ class DefaultPlanner:
 
     def loss(self, num_epochs: int) -> Dict[str, Any]:
         return {
-            "seq2seq": {"lambda_l1": 10.0, "lambda_perceptual": 0.01, "lambda_adv": 0.0, "lambda_cycle": 0.0},
+            "seq2seq": {"lambda_l1": 10.0, "lambda_perceptual": 0.01, "lambda_adv": 0.0, "lambda_cycle": 0.0,
+                        "intensity_balance": INTENSITY_BALANCE},
             "vq_seq2seq": {"lambda_l1": 10.0, "lambda_ssim": 1.0, "lambda_perceptual": 0.1, "lambda_con": 10.0,
                            "lambda_vq": 10.0, "tau": 0.07, "max_contrastive_positions": 4096,
                            "contrastive_start_epoch": min(100, num_epochs // 10),
                            "vqc_start_epoch": min(200, num_epochs // 5)},
-            "tsf_seq2seq": {"lambda_l1": 10.0, "lambda_perceptual": 0.01, "omega_eps": 1e-5},
+            "tsf_seq2seq": {"lambda_l1": 10.0, "lambda_perceptual": 0.01, "omega_eps": 1e-5,
+                            "intensity_balance": INTENSITY_BALANCE},
             "codebrain": {"psnr_weight_available": 5.0, "psnr_weight_missing": 20.0, "lambda_adv": 0.1,
                           "adv_start_fraction": 0.2, "lambda_grading": 1.0},
             "seg_from_latent": {"lambda_dice": 1.0, "lambda_ce": 1.0},

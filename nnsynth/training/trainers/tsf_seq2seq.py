@@ -189,7 +189,11 @@ class TSFSeq2SeqTrainer(TrainingEngine):
         return sources, targets
 
     def _rec(self, pred: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        l1 = F.l1_loss(pred, target)
+        """Eq. 5's reconstruction term; L1 intensity-balanced like the Seq2Seq backbone's when the plans say so."""
+        from nnsynth.losses.reconstruction import (intensity_balance_from_config, intensity_balance_weights,
+                                                   masked_l1)
+        alpha = intensity_balance_from_config(self.loss_cfg)
+        l1 = masked_l1(pred, target, intensity_balance_weights(target, alpha) if alpha > 0 else None)
         loss = float(self.loss_cfg["lambda_l1"]) * l1
         if self.perceptual is not None:
             loss = loss + float(self.loss_cfg["lambda_perceptual"]) * self.perceptual(pred.float(), target.float())
