@@ -90,7 +90,7 @@ def test_outputs_keep_geometry_anisotropic_oblique_2d(trained, geometry_inputs, 
         assert np.all(arr[outside] == 0)
     record = json.loads((out / "nnsynth_predictions.json").read_text())
     assert record["cases"]["aniso"]["Flair"]["sources"] == ["T1", "T1Gd", "T2"]
-    assert "averaged" in record["multi_source_rule"]
+    assert "encoded jointly" in record["multi_source_rule"]   # plans made by this version: network.joint_input
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
 
 

@@ -31,6 +31,7 @@ def test_single_source_is_the_stack_with_one_group_and_absent_slots_are_ignored(
     with torch.no_grad():
         single = net.encode(x, torch.tensor([1, 2]))
         images = torch.rand(2, 4, 3, 20, 27)                               # garbage in every other slot
+        images[:, 0] = float("nan")
         images[0, 1], images[1, 2] = x[0], x[1]
         available = torch.zeros(2, 4)
         available[0, 1] = available[1, 2] = 1

@@ -347,7 +347,9 @@ class Seq2SeqNet(nn.Module):
             raise ValueError("every row needs at least one available sequence")
         images = self._pad(images)
         m = available.to(images.dtype).view((b, n) + (1,) * (images.dim() - 2))
-        scaled = ((images * 2.0 - 1.0) * m).flatten(1, 2)              # absent sequences read as 0
+        # absent sequences read as 0 whatever their slot holds (where, not a product: a NaN there stays out)
+        scaled = torch.where(m > 0, images * 2.0 - 1.0, torch.zeros((), dtype=images.dtype,
+                                                                    device=images.device)).flatten(1, 2)
         planes = (m[:, :, 0] * 2.0 - 1.0).expand((b, n) + tuple(images.shape[3:]))
         bottleneck, skips = self.encoder.forward_with_skips(torch.cat([scaled, planes], 1))
         return self.decoder.pack(bottleneck, skips) if self.skip_connections else bottleneck
