@@ -361,14 +361,13 @@ class Seq2SeqNet(nn.Module):
             raise ValueError("no source sequence given")
         if not self.joint_input:
             return torch.stack([self.encode(x, int(s)) for s, x in sources.items()]).mean(0)
-        first = next(iter(sources.values()))
-        images = first.new_zeros((first.shape[0], self.num_sequences) + tuple(first.shape[1:]))
-        available = first.new_zeros((first.shape[0], self.num_sequences))
-        for s, x in sources.items():
+        stacks = list(sources.values())
+        for x in stacks:
             self._check_input(x)
-            images[:, int(s)] = x
-            available[:, int(s)] = 1.0
-        return self.encode_joint(images, available)
+        b = stacks[0].shape[0]
+        rows = torch.arange(b, device=stacks[0].device).repeat(len(stacks))
+        seqs = torch.tensor([int(s) for s in sources for _ in range(b)], device=stacks[0].device)
+        return self.encode_joint(*self.joint_stack(torch.cat(stacks), rows, seqs, b))
 
     def _source_indices(self, source: Any, batch: int) -> Tensor:
         if isinstance(source, int) or (torch.is_tensor(source) and source.dim() == 0):
