@@ -387,7 +387,7 @@ class Seq2SeqNet(nn.Module):
             raise ValueError("this network's encoder is conditioned on the source sequence "
                              "(network.source_conditioning): pass encode(x, source)")
         if isinstance(source, int) or (torch.is_tensor(source) and source.dim() == 0):
-            source = torch.full((batch,), int(source), dtype=torch.long, device=self._device())
+            source = self._source_indices(source, batch)
         code = self._as_code(source)
         if code.shape[0] != batch:
             raise ValueError(f"source has {code.shape[0]} entries for a batch of {batch}")

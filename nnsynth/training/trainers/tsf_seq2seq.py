@@ -33,6 +33,7 @@ from nnsynth.training import checkpointing as ckpt
 from nnsynth.training.engine import TrainingEngine
 from nnsynth.training.dataloading import MultiSequenceSampler
 from nnsynth.training.trainers.vq_seq2seq import apply_optimizer_defaults
+from nnsynth.losses.reconstruction import intensity_balance_from_config, intensity_balance_weights, masked_l1
 from nnsynth.utils.files import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ class TSFSeq2SeqTrainer(TrainingEngine):
         apply_optimizer_defaults(self, TSF_SEQ2SEQ_OPTIMIZER_DEFAULTS)
         self.loss_cfg = {**TSF_SEQ2SEQ_LOSS_DEFAULTS,
                          **{k: v for k, v in self.loss_settings.items() if not isinstance(v, dict)}}
+        #: exponent of eq. 5's intensity-balanced L1 (0: plain L1), read once from the plans
+        self.intensity_balance = intensity_balance_from_config(self.loss_cfg)
         self.pretrained_from = pretrained_from
         self.init_args["pretrained_from"] = pretrained_from
 
@@ -190,9 +193,7 @@ class TSFSeq2SeqTrainer(TrainingEngine):
 
     def _rec(self, pred: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Eq. 5's reconstruction term; L1 intensity-balanced like the Seq2Seq backbone's when the plans say so."""
-        from nnsynth.losses.reconstruction import (intensity_balance_from_config, intensity_balance_weights,
-                                                   masked_l1)
-        alpha = intensity_balance_from_config(self.loss_cfg)
+        alpha = self.intensity_balance
         l1 = masked_l1(pred, target, intensity_balance_weights(target, alpha) if alpha > 0 else None)
         loss = float(self.loss_cfg["lambda_l1"]) * l1
         if self.perceptual is not None:
