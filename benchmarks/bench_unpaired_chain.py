@@ -79,6 +79,9 @@ def short_run_schedule(plans: Dict[str, Any], args: argparse.Namespace) -> None:
         cfg["network"]["skip_connections"] = bool(args.seq2seq_skips)
         if args.batch_size:
             cfg["batch_size"] = args.batch_size
+    if args.overwrite:
+        from nnsynth.planning.plans import apply_overrides
+        plans.update(apply_overrides(plans, args.overwrite))
 
 
 def train(dataset_id: int, trainer: str, args: argparse.Namespace) -> float:
@@ -181,6 +184,9 @@ def common_parser(description: str, default_workdir: str) -> argparse.ArgumentPa
     p.add_argument("--vqc-start", type=int, default=2, help="vq_seq2seq: epoch VQC sampling + domain aug start")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trainers", nargs="+", default=["seq2seq", "vq_seq2seq"])
+    p.add_argument("--overwrite", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="plan overrides after the short-run schedule, as nnsynth_plan_and_preprocess --overwrite "
+                        "(e.g. loss.vq_seq2seq.lambda_con=1)")
     p.add_argument("--seq2seq-skips", action="store_true",
                    help="give seq2seq the skip connections of nnsynth's default plans (default: the paper's network, "
                         "the backbone vq_seq2seq shares)")

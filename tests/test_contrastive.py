@@ -69,3 +69,29 @@ def test_least_self_similar_keeps_the_distinct_positions():
     assert sorted(keep.tolist()) == [6, 7]
     out = LatentConsistencyLoss(keep_fraction=0.25)(z.t().reshape(1, 3, 2, 4), z.t().reshape(1, 3, 2, 4))
     assert float(out[1]) < 1e-3                 # only the two distinct positions enter: aligned -> ~0
+
+
+def test_copies_of_the_positive_code_are_no_negatives():
+    """Two positions hold code 0, two hold code 1, z1 = z2 (perfectly consistent). Counting the copy as a negative
+    leaves each row at best log 2 (its copy's logit equals the positive's); without it the loss is ~0 and the
+    gradient vanishes. With all codes distinct the option changes nothing."""
+    codes = torch.tensor([0, 0, 1, 1])
+    table = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    z = table[codes]
+    plain = info_nce(z, z.clone(), 0.07)
+    assert float(plain) == pytest.approx(2 * math.log(2), rel=1e-3)        # the floor the copies impose
+    z1 = z.clone().requires_grad_(True)
+    fixed = info_nce(z1, z.clone(), 0.07, codes_a=codes, codes_b=codes)
+    assert float(fixed) < 1e-5
+    fixed.backward()
+    assert float(z1.grad.abs().max()) < 1e-4
+    torch.manual_seed(3)
+    a, b = torch.randn(6, 3), torch.randn(6, 3)
+    distinct = torch.arange(6)
+    assert float(info_nce(a, b, codes_a=distinct, codes_b=distinct)) == pytest.approx(float(info_nce(a, b)), rel=1e-6)
+    # through the module: (B, *S) code maps, and a clear error without them
+    loss = LatentConsistencyLoss(exclude_same_code=True)
+    zm = z.t().reshape(1, 3, 2, 2)
+    assert float(loss(zm, zm.clone(), None, codes.reshape(1, 2, 2), codes.reshape(1, 2, 2))[1]) < 1e-5
+    with pytest.raises(ValueError, match="code index"):
+        loss(zm, zm.clone())

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from nnsynth.exceptions import PlansError
-from nnsynth.planning.planner import (CPU_REFERENCE, DefaultPlanner, get_planner_class, iteration_cost,
-                                      register_planner)
+from nnsynth.planning.planner import (CPU_REFERENCE, VQ_MIN_LATENT_CELLS, DefaultPlanner, get_planner_class,
+                                      iteration_cost, register_planner)
 from nnsynth.planning.plans import apply_overrides, get_configuration, get_trainer_settings
 
 NAMES = ["T1", "T1Gd", "T2", "Flair", "PD", "DWI"]
@@ -56,8 +56,23 @@ def test_paper_anchor_values_on_gpu_scale():
     assert c["vq"]["beta"] == 0.25 and c["loss"]["vq_seq2seq"]["tau"] == 0.07
 
 
+@pytest.mark.parametrize("spacing,levels", [(1.0, 2), (2.0, 2), (4.0, 1), (8.0, 0)])
+def test_vq_latent_grid_keeps_enough_cells_across_the_image(spacing, levels):
+    """The paper's 1 mm BraTS slices get its 4x coarser latent grid; coarser images give up stride-2 levels so
+    that at least VQ_MIN_LATENT_CELLS cells stay across the smallest axis; the codebook follows the grid."""
+    shape = tuple(int(s / spacing) for s in (140, 170, 140))
+    c = plan(spacing=(spacing,) * 3, shape=shape, jitter=False)["configurations"]
+    assert c["2d"]["vq"]["downsampling_levels"] == levels
+    median = c["2d"]["median_shape"]
+    assert c["2d"]["vq"]["latent_vectors_per_case"] == int(np.prod(median) / 4 ** levels)
+    assert min(median[1:]) / 2 ** levels >= VQ_MIN_LATENT_CELLS
+    assert levels == 2 or min(median[1:]) / 2 ** (levels + 1) < VQ_MIN_LATENT_CELLS   # the coarsest such grid
+    assert DefaultPlanner.vq_downsampling_levels([300, 300], 2) == 2      # never more than the network has
+    assert DefaultPlanner.vq_downsampling_levels([10, 40], 2) == 0
+
+
 def test_codebook_shrinks_for_small_datasets():
-    small = plan(n_cases=2, shape=(24, 32, 32))["configurations"]["2d"]["vq"]
+    small = plan(n_cases=2, shape=(8, 16, 16))["configurations"]["2d"]["vq"]
     large = plan(n_cases=200)["configurations"]["2d"]["vq"]
     assert small["codebook_size"] == 16 < large["codebook_size"] == 256
     assert small["codebook_size"] & (small["codebook_size"] - 1) == 0  # power of two

@@ -137,3 +137,70 @@ def test_codebook_lr_scale_keeps_values_and_scales_the_step():
         opt.step()
         steps[scale] = (q.codebook.detach() - codes).abs().max()
     assert float(steps[10.0]) == pytest.approx(10 * float(steps[1.0]), rel=1e-3)
+
+
+def test_ema_update_moves_each_code_to_the_mean_of_its_vectors():
+    """decay 0: after one training step every used code IS the mean of the vectors assigned to it."""
+    q = VectorQuantizer(3, latent_dim=2, codebook_size=3, init="none", dead_code_restart=False,
+                        codebook_update="ema", codebook_ema_decay=0.0)
+    q._set_codes(slice(None), torch.tensor([[0.0, 0.0], [10.0, 0.0], [100.0, 100.0]]))
+    vectors = torch.tensor([[1.0, 1.0], [-1.0, 3.0], [9.0, 1.0], [12.0, -1.0], [11.0, 0.0]])
+    q.train()
+    out = q.quantize(vectors.t().reshape(1, 2, 1, 5))
+    assert out.indices.flatten().tolist() == [0, 0, 1, 1, 1]
+    torch.testing.assert_close(q.codebook[0], torch.tensor([0.0, 2.0]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(q.codebook[1], torch.tensor([32.0 / 3, 0.0]), rtol=1e-4, atol=1e-4)
+    assert not q.codebook_param.requires_grad                     # the optimizer never moves the codes
+
+
+def test_ema_codes_follow_encoder_vectors_far_away_where_adam_steps_cannot():
+    """Vectors 50 units from the codes: 100 EMA steps put the codes on them; 100 Adam steps at lr 1e-3 on eq. 2
+    move a code by at most 0.1. Only the commitment term reaches the encoder in the EMA mode."""
+    torch.manual_seed(0)
+    centres = torch.tensor([[50.0, 50.0], [-50.0, 50.0]])
+    gaps = {}
+    for update in ("ema", "gradient"):
+        q = VectorQuantizer(3, latent_dim=2, codebook_size=2, init="none", dead_code_restart=False,
+                            codebook_update=update, codebook_ema_decay=0.9)
+        q._set_codes(slice(None), torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+        opt = torch.optim.Adam([p for p in q.parameters() if p.requires_grad], lr=1e-3)
+        q.train()
+        for _ in range(100):
+            data = torch.cat([c + 0.1 * torch.randn(32, 2) for c in centres])
+            opt.zero_grad()
+            loss = q.quantize(data.t().reshape(1, 2, 8, 8)).loss
+            if loss.requires_grad:        # EMA: nothing here takes a gradient (no encoder in this test)
+                loss.backward()
+                opt.step()
+        gaps[update] = float(torch.cdist(q.codebook.detach(), centres).diagonal().max())
+    assert gaps["ema"] < 1.0 and gaps["gradient"] > 45.0
+    z_e = torch.randn(1, 2, 4, 4, requires_grad=True)
+    q = VectorQuantizer(3, latent_dim=2, codebook_size=4, init="none", codebook_update="ema")
+    q.eval()
+    out = q.quantize(z_e)
+    out.loss.backward()
+    z_q = out.z_q.detach()
+    torch.testing.assert_close(z_e.grad, 0.25 * 2 * (z_e - z_q).detach() / z_e.numel())
+
+
+def test_ema_state_survives_a_checkpoint_and_restarted_codes_restart_their_average():
+    torch.manual_seed(0)
+    q = VectorQuantizer(3, latent_dim=2, codebook_size=8, init="kmeans", codebook_update="ema",
+                        dead_code_ema_decay=0.5)
+    q.train()
+    for _ in range(5):
+        q.quantize(torch.randn(2, 2, 8, 8))
+    state = q.state_dict()
+    assert {"ema_cluster_size", "ema_vector_sum"} <= set(state)
+    r = VectorQuantizer(3, latent_dim=2, codebook_size=8, init="kmeans", codebook_update="ema",
+                        dead_code_ema_decay=0.5)
+    r.load_state_dict(state)
+    data = torch.randn(2, 2, 8, 8)
+    q.quantize(data)
+    r.quantize(data)
+    torch.testing.assert_close(q.codebook, r.codebook)
+    # every code's average is consistent with its value (sum / size) after restarts too
+    size = q.ema_cluster_size.clamp_min(1e-6)
+    assert float((q.ema_vector_sum / size[:, None] - q.codebook).abs().max()) < 0.05
+    with pytest.raises(PlansError, match="codebook_update"):
+        VectorQuantizer(6, codebook_update="bogus")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from nnsynth.exceptions import PlansError
 from nnsynth.networks.vq_seq2seq import VQSeq2SeqNet, sample_vqc, vqc_statistics
 from nnsynth.training.augmentation_domain import (DomainAugmenter, bias_field, intensity_transform,
                                                   random_one_hot_code, random_uniform_code)
@@ -60,6 +61,14 @@ def test_network_contracts():
     y = net(x, torch.tensor([0, 3]))
     assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
     assert net.decode_latent(out.z_q, torch.rand(2, 8), output_size=(20, 20)).shape == x.shape   # random code c_r
+    # vq.downsampling_levels: the quantiser after fewer stride-2 levels, a finer latent grid
+    fine = VQSeq2SeqNet(4, 3, 2, NET, {**VQ, "downsampling_levels": 1})
+    fine.eval()
+    assert fine.quantize(x).z_q.shape == (2, 3, 10, 10) and fine.divisor == 2
+    assert fine(x, torch.tensor([0, 3])).shape == x.shape
+    for bad in (3, -1, 1.5, True):
+        with pytest.raises(PlansError, match="downsampling_levels"):
+            VQSeq2SeqNet(4, 3, 2, NET, {**VQ, "downsampling_levels": bad})
 
 
 # ----- sec. 2.4 -----------------------------------------------------------------------------------------------

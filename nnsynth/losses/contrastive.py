@@ -11,7 +11,13 @@ over foreground latent positions M of one case, tau = 0.07. Choices (documented 
   similarity of z1 to the other drawn positions), enters the InfoNCE, as the authors' code did with 1/8 --
   quantised latents repeat codes a lot, and repeated codes are unresolvable negatives;
 - ``normalize=True`` (default) scores cosine similarities (unit vectors, as in PatchNCE, ref. 15 of the paper);
-  ``normalize=False`` uses the raw dot products of eq. 7.
+  ``normalize=False`` uses the raw dot products of eq. 7;
+- ``exclude_same_code=True`` (with the code index of every position): a position whose latent is the SAME code as
+  the positive's is not a negative. Quantised latents repeat a few codes over the whole brain (64-256 codes,
+  thousands of positions), and such a negative is the positive's exact copy: its logit equals the positive's
+  whatever the encoder does, so the InfoNCE can never fall below log(number of copies) and its gradient, passed
+  to z_e by the straight-through estimator, keeps pushing the encoder's vectors off their codes. Without the
+  copies the term is satisfiable and stops pushing once the codes of different positions are told apart.
 """
 from __future__ import annotations
 
@@ -37,18 +43,30 @@ def consistency_mse(z1: Tensor, z2: Tensor) -> Tensor:
     return F.mse_loss(z2, z1.detach()) + F.mse_loss(z1, z2.detach())
 
 
-def info_nce(a: Tensor, b: Tensor, tau: float = CONTRASTIVE_TAU, normalize: bool = True) -> Tensor:
+def info_nce(a: Tensor, b: Tensor, tau: float = CONTRASTIVE_TAU, normalize: bool = True,
+             codes_a: Optional[Tensor] = None, codes_b: Optional[Tensor] = None) -> Tensor:
     """Symmetric InfoNCE between matched rows of a and b (M, D): position p of a is the positive of position p
     of b, every other position of b is a negative (and the same the other way). Mean over positions, both
-    directions summed (the product inside eq. 7's log)."""
+    directions summed (the product inside eq. 7's log). With the code indices ``codes_a``/``codes_b`` (M,), a
+    position q is no negative of p where its code equals p's positive's code (module docstring)."""
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(f"info_nce expects two (M, D) tensors of the same shape, got {tuple(a.shape)}, "
                          f"{tuple(b.shape)}")
+    if (codes_a is None) != (codes_b is None):
+        raise ValueError("info_nce needs both code index vectors or neither")
     if normalize:
         a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)
     logits = a.float() @ b.float().t() / float(tau)
     labels = torch.arange(a.shape[0], device=a.device)
-    return F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)
+    logits_t = logits.t()
+    if codes_a is not None:
+        eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+        # row p of a -> columns of b: drop the columns holding b's code at p (copies of the positive)
+        copies_b = (codes_b[None, :] == codes_b[:, None]) & ~eye
+        copies_a = (codes_a[None, :] == codes_a[:, None]) & ~eye
+        logits = logits.masked_fill(copies_b, float("-inf"))
+        logits_t = logits_t.masked_fill(copies_a, float("-inf"))
+    return F.cross_entropy(logits, labels) + F.cross_entropy(logits_t, labels)
 
 
 def least_self_similar(z: Tensor, keep: int) -> Tensor:
@@ -74,7 +92,7 @@ class LatentConsistencyLoss(nn.Module):
     positions contribute 0 to the InfoNCE mean."""
 
     def __init__(self, tau: float = CONTRASTIVE_TAU, max_positions: int = CONTRASTIVE_MAX_POSITIONS,
-                 normalize: bool = True, keep_fraction: float = 1.0) -> None:
+                 normalize: bool = True, keep_fraction: float = 1.0, exclude_same_code: bool = False) -> None:
         super().__init__()
         if float(tau) <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
@@ -82,8 +100,11 @@ class LatentConsistencyLoss(nn.Module):
             raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
         self.tau, self.max_positions, self.normalize = float(tau), int(max_positions), bool(normalize)
         self.keep_fraction = float(keep_fraction)
+        self.exclude_same_code = bool(exclude_same_code)
 
-    def forward(self, z1: Tensor, z2: Tensor, mask: Optional[Tensor] = None):
+    def forward(self, z1: Tensor, z2: Tensor, mask: Optional[Tensor] = None, codes1: Optional[Tensor] = None,
+                codes2: Optional[Tensor] = None):
+        """``codes1``/``codes2`` (B, *S): code index of every latent position, used with ``exclude_same_code``."""
         if z1.shape != z2.shape:
             raise ValueError(f"z1 and z2 differ in shape: {tuple(z1.shape)} vs {tuple(z2.shape)}")
         mse = consistency_mse(z1, z2)
@@ -93,6 +114,11 @@ class LatentConsistencyLoss(nn.Module):
         mask = mask.reshape(b, -1).bool()
         f1 = z1.reshape(b, z1.shape[1], -1)
         f2 = z2.reshape(b, z2.shape[1], -1)
+        use_codes = self.exclude_same_code
+        if use_codes and (codes1 is None or codes2 is None):
+            raise ValueError("exclude_same_code needs the code index maps codes1 and codes2")
+        c1 = codes1.reshape(b, -1) if use_codes else None
+        c2 = codes2.reshape(b, -1) if use_codes else None
         terms = []
         for i in range(b):
             idx = sample_positions(mask[i], self.max_positions)
@@ -101,7 +127,8 @@ class LatentConsistencyLoss(nn.Module):
                 idx = idx[least_self_similar(f1[i][:, idx].t(), keep)]
             if idx.numel() < CONTRASTIVE_MIN_POSITIONS:
                 continue
-            terms.append(info_nce(f1[i][:, idx].t(), f2[i][:, idx].t(), self.tau, self.normalize))
+            terms.append(info_nce(f1[i][:, idx].t(), f2[i][:, idx].t(), self.tau, self.normalize,
+                                  c1[i][idx] if use_codes else None, c2[i][idx] if use_codes else None))
         nce = torch.stack(terms).mean() if terms else (z1.sum() + z2.sum()) * 0.0   # 0, still in the graph
         return mse, nce
 

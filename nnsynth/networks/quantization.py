@@ -20,7 +20,14 @@ Plain VQ collapses easily (few codes used), so the quantiser keeps its codebook 
   random encoder outputs of the current batch (the ``min(1, n/K)`` factor keeps the rule meaningful when a
   step holds fewer vectors than there are codes);
 - usage (fraction of codes used) and perplexity (``exp(entropy)`` of the code histogram; K for a uniform
-  assignment) per step and accumulated over an epoch (``epoch_statistics``).
+  assignment) per step and accumulated over an epoch (``epoch_statistics``);
+- ``codebook_update``: ``"gradient"`` trains the codes through eq. 2's codebook term (the paper); ``"ema"`` makes
+  each code the exponential moving average of the encoder vectors assigned to it (the VQ-VAE paper's
+  alternative, van den Oord et al. 2017, appendix; decay ``codebook_ema_decay``) and eq. 2 then trains only the
+  encoder (its commitment term; the codebook term is still reported). Why: Adam moves a code by about ``lr`` per
+  step whatever its distance to its vectors, so when other losses move the encoder quickly (VQ-Seq2Seq's latent
+  consistency) the codes trail behind, eq. 2 grows a hundredfold and the decoder reads codes far from the
+  encoder's vectors; a moving average follows the vectors at any speed.
 """
 from __future__ import annotations
 
@@ -47,7 +54,11 @@ VQ_DEFAULTS: Dict[str, object] = {
     "dead_code_ema_decay": 0.99,
     "dead_code_threshold": 1.0,   # EMA usage per step below threshold * min(1, n / K) -> restart
     "codebook_lr_scale": 1.0,     # codebook = scale * stored parameter: x scale the codebook's Adam step size
+    "codebook_update": "gradient",  # "gradient" (eq. 2, the paper) or "ema" (moving average of assigned vectors)
+    "codebook_ema_decay": 0.99,   # decay of the "ema" update (VQ-VAE paper: 0.99)
 }
+CODEBOOK_UPDATES = ("gradient", "ema")
+VQ_EMA_EPSILON = 1e-5             # Laplace smoothing of the "ema" cluster sizes (no division by zero)
 VQ_INIT_MAX_VECTORS = 20000       # encoder vectors used for the codebook initialisation (subsampled)
 VQ_RESTART_NOISE = 1e-3           # relative jitter added to re-seeded codes so duplicates separate
 VQ_DISTANCE_CHUNK = 65536         # latent vectors per chunk in the nearest-code search (bounds memory)
@@ -127,7 +138,8 @@ class VectorQuantizer(nn.Module):
     def __init__(self, in_channels: int, latent_dim: int = 3, codebook_size: int = 256, spatial_dims: int = 2,
                  beta: float = 0.25, init: str = "kmeans", kmeans_iters: int = 10, dead_code_restart: bool = True,
                  dead_code_ema_decay: float = 0.99, dead_code_threshold: float = 1.0,
-                 codebook_lr_scale: float = 1.0) -> None:
+                 codebook_lr_scale: float = 1.0, codebook_update: str = "gradient",
+                 codebook_ema_decay: float = 0.99) -> None:
         super().__init__()
         problems = []
         if int(latent_dim) < 1:
@@ -142,6 +154,10 @@ class VectorQuantizer(nn.Module):
             problems.append(f"vq.dead_code_ema_decay must be in [0, 1), got {dead_code_ema_decay}")
         if float(codebook_lr_scale) <= 0:
             problems.append(f"vq.codebook_lr_scale must be > 0, got {codebook_lr_scale}")
+        if codebook_update not in CODEBOOK_UPDATES:
+            problems.append(f"vq.codebook_update must be one of {CODEBOOK_UPDATES}, got {codebook_update!r}")
+        if not 0.0 <= float(codebook_ema_decay) < 1.0:
+            problems.append(f"vq.codebook_ema_decay must be in [0, 1), got {codebook_ema_decay}")
         if spatial_dims not in (1, 2, 3):
             problems.append(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
         if problems:
@@ -164,6 +180,12 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("ema_count", torch.zeros(self.codebook_size))
         self.register_buffer("epoch_count", torch.zeros(self.codebook_size, dtype=torch.float64))
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long))
+        self.codebook_update, self.codebook_ema_decay = str(codebook_update), float(codebook_ema_decay)
+        if self.codebook_update == "ema":
+            # moving averages of each code's cluster size and vector sum; the code is their ratio
+            self.codebook_param.requires_grad_(False)
+            self.register_buffer("ema_cluster_size", torch.zeros(self.codebook_size))
+            self.register_buffer("ema_vector_sum", torch.zeros(self.codebook_size, self.latent_dim))
 
     @classmethod
     def from_config(cls, in_channels: int, spatial_dims: int, vq: Optional[Dict[str, object]] = None
@@ -173,11 +195,12 @@ class VectorQuantizer(nn.Module):
         return cls(in_channels, int(cfg["latent_dim"]), int(cfg["codebook_size"]), spatial_dims,
                    float(cfg["beta"]), str(cfg["init"]), int(cfg["kmeans_iters"]), bool(cfg["dead_code_restart"]),
                    float(cfg["dead_code_ema_decay"]), float(cfg["dead_code_threshold"]),
-                   float(cfg["codebook_lr_scale"]))
+                   float(cfg["codebook_lr_scale"]), str(cfg["codebook_update"]), float(cfg["codebook_ema_decay"]))
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, latent_dim={self.latent_dim}, codebook_size={self.codebook_size}, "
-                f"beta={self.beta}, init={self.init_method}, dead_code_restart={self.dead_code_restart}")
+                f"beta={self.beta}, init={self.init_method}, dead_code_restart={self.dead_code_restart}, "
+                f"codebook_update={self.codebook_update}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Checkpoints that stored the code vectors themselves as ``codebook`` load into ``codebook_param``."""
@@ -192,9 +215,14 @@ class VectorQuantizer(nn.Module):
         """The K x D code vectors (``codebook_lr_scale * codebook_param``)."""
         return self.codebook_param * self.codebook_lr_scale
 
-    def _set_codes(self, rows, values: Tensor) -> None:
+    def _set_codes(self, rows, values: Tensor, weight: float = 1.0) -> None:
+        """Overwrite codes ``rows``; with the "ema" update their averages restart at ``values`` with ``weight``
+        vectors' worth of history."""
         with torch.no_grad():
             self.codebook_param.data[rows] = (values / self.codebook_lr_scale).to(self.codebook_param.dtype)
+            if self.codebook_update == "ema":
+                self.ema_cluster_size[rows] = float(weight)
+                self.ema_vector_sum[rows] = values.to(self.ema_vector_sum.dtype) * float(weight)
 
     @staticmethod
     def _flatten(z: Tensor) -> Tensor:
@@ -245,9 +273,10 @@ class VectorQuantizer(nn.Module):
         x = flat.detach().float()
         idx = torch.randint(x.shape[0], (n_dead,), device="cpu").to(x.device)
         noise = torch.randn(n_dead, x.shape[1], device=x.device) * (x.std().clamp_min(1e-3) * VQ_RESTART_NOISE)
-        self._set_codes(dead, x[idx] + noise)
         # a grace period: revived codes start at twice the threshold
-        self.ema_count[dead] = 2.0 * max(self._threshold(flat.shape[0]), 1e-3)
+        grace = 2.0 * max(self._threshold(flat.shape[0]), 1e-3)
+        self._set_codes(dead, x[idx] + noise, weight=grace)
+        self.ema_count[dead] = grace
         self.restarts += n_dead
         self._sync_codebook()
         return n_dead
@@ -259,8 +288,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update_usage(self, counts: Tensor, flat: Tensor) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts)
+        """Epoch histogram, usage EMA and dead-code restarts from this step's (all-reduced) code counts."""
         self.epoch_count += counts.to(self.epoch_count.dtype)
         if float(self.ema_count.sum()) == 0.0:     # first step: start every code at its observed count
             self.ema_count.copy_(torch.maximum(counts, torch.full_like(counts, 2.0 * self._threshold(flat.shape[0]))))
@@ -268,6 +296,22 @@ class VectorQuantizer(nn.Module):
             self.ema_count.mul_(self.ema_decay).add_(counts, alpha=1.0 - self.ema_decay)
         if self.dead_code_restart:
             self.restart_dead_codes(flat)
+
+    @torch.no_grad()
+    def _ema_update(self, flat: Tensor, indices: Tensor, counts: Tensor) -> None:
+        """The "ema" codebook update: each code moves to the moving average of the vectors assigned to it."""
+        x = flat.detach().float()
+        sums = torch.zeros(self.codebook_size, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, indices, x)
+        counts = counts.to(x.dtype)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)   # the counts arrive reduced
+        d = self.codebook_ema_decay
+        self.ema_cluster_size.mul_(d).add_(counts, alpha=1.0 - d)
+        self.ema_vector_sum.mul_(d).add_(sums, alpha=1.0 - d)
+        n = self.ema_cluster_size.sum()
+        size = (self.ema_cluster_size + VQ_EMA_EPSILON) / (n + self.codebook_size * VQ_EMA_EPSILON) * n
+        self.codebook_param.data.copy_((self.ema_vector_sum / size[:, None] / self.codebook_lr_scale)
+                                       .to(self.codebook_param.dtype))
 
     def reset_epoch_statistics(self) -> None:
         self.epoch_count.zero_()
@@ -302,7 +346,11 @@ class VectorQuantizer(nn.Module):
                        indices=indices.reshape(z_e.shape[0], *z_e.shape[2:]), loss=loss,
                        perplexity=perplexity_from_counts(counts), usage=(counts > 0).float().mean())
         if self.training:
-            self._update_usage(counts, flat)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(counts)
+            if self.codebook_update == "ema":
+                self._ema_update(flat, indices, counts)
+            self._update_usage(counts, flat)   # after the average: restarted codes keep their new values
         return out
 
     def forward(self, h: Tensor):
@@ -311,5 +359,5 @@ class VectorQuantizer(nn.Module):
         return self.to_features(out.z_q), out
 
 
-__all__ = ["VectorQuantizer", "VQOutput", "VQ_DEFAULTS", "vq_loss", "straight_through", "perplexity_from_counts",
+__all__ = ["VectorQuantizer", "VQOutput", "VQ_DEFAULTS", "CODEBOOK_UPDATES", "vq_loss", "straight_through", "perplexity_from_counts",
            "kmeans_plus_plus"]

@@ -10,11 +10,16 @@ VQC latent (eq. 4-5), over the available sequences of one case:
 The paper text writes ``s = sigma^2`` and the authors' code used a sum of squares; following
 ``reference/methods.md`` the default is the standard deviation ``s = sigma`` (the reparameterisation of a
 Gaussian with variance sigma^2). ``variance="variance"`` and ``variance="sum_squares"`` give the other two.
+
+Latent grid (plans ``vq.downsampling_levels``, written by the planner): the quantiser sits after that many
+stride-2 levels of the encoder (the paper: 2, a 4x coarser grid for 1 mm BraTS slices, about 35-40 cells across
+the brain). One code of K per cell is all the decoder gets (no skips), so a grid too coarse for the images loses
+the anatomy: the planner keeps at least ``VQ_MIN_LATENT_CELLS`` cells across the median image.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -69,6 +74,20 @@ def sample_vqc(mu: Tensor, spread: Tensor, generator: Optional[torch.Generator] 
     return mu + eps * spread
 
 
+def vq_network(network: Mapping[str, Any], levels: Optional[int]) -> Dict[str, Any]:
+    """The network settings with only the first ``levels`` stride-2 levels (``vq.downsampling_levels``): the
+    quantised latent grid is 2**levels times coarser than the image. None keeps every level of the plans."""
+    network = dict(network)
+    if levels is None:
+        return network
+    chans, kernels = list(network["encoder_channels"]), list(network["encoder_kernel_sizes"])
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 0 <= levels <= len(chans) - 1:
+        raise PlansError(f"vq.downsampling_levels must be an int from 0 to {len(chans) - 1} (the network has "
+                         f"{len(chans) - 1} stride-2 levels), got {levels!r}")
+    network["encoder_channels"], network["encoder_kernel_sizes"] = chans[:levels + 1], kernels[:levels + 1]
+    return network
+
+
 class VQSeq2SeqNet(Seq2SeqNet):
     """Seq2SeqNet + ``VectorQuantizer`` after the encoder; see the module docstring."""
 
@@ -78,9 +97,10 @@ class VQSeq2SeqNet(Seq2SeqNet):
         # would bypass the codebook and eq. 7's consistency, so the plans' skip setting does not apply here
         # (nor is its encoder told which sequence it reads, nor does it read several at once: z_q must be a
         # property of the anatomy, one per sequence, for the common latent space of eq. 4-5)
-        super().__init__(num_sequences, in_channels, spatial_dims,
-                         {**network, "skip_connections": False, "source_conditioning": False, "joint_input": False})
         vq = dict(vq or {})
+        super().__init__(num_sequences, in_channels, spatial_dims,
+                         {**vq_network(network, vq.get("downsampling_levels")), "skip_connections": False,
+                          "source_conditioning": False, "joint_input": False})
         self.vqc_variance = str(vq.get("vqc_variance", VQC_DEFAULT_VARIANCE))
         if self.vqc_variance not in VQC_VARIANCE_CHOICES:
             raise PlansError(f"vq.vqc_variance must be one of {VQC_VARIANCE_CHOICES}, got {self.vqc_variance!r}")
@@ -121,4 +141,4 @@ class VQSeq2SeqNet(Seq2SeqNet):
         return torch.stack([self.quantize(x).z_q for x in images]).mean(0)
 
 
-__all__ = ["VQSeq2SeqNet", "vqc_statistics", "sample_vqc", "VQC_VARIANCE_CHOICES"]
+__all__ = ["VQSeq2SeqNet", "vq_network", "vqc_statistics", "sample_vqc", "VQC_VARIANCE_CHOICES"]

@@ -54,6 +54,11 @@ VQ_ANCHOR_SEQUENCES = 4
 #: training latent vectors per code so every code can be trained
 VQ_CODEBOOK_MAX, VQ_CODEBOOK_MIN, VQ_VECTORS_PER_CODE = 256, 16, 1000
 VQ_CODEBOOK_SEGMENTATION = 16
+#: VQ: the quantised latent grid keeps at least this many cells across the smallest convolved axis of the median
+#: image, giving up stride-2 levels where needed (paper: 1 mm BraTS slices, 4x down, 35-42 cells across the brain;
+#: demo at 4 mm, 6 CPU minutes: 9-12 cells 11.80 dB, 18-24 cells 12.56 dB, a full-resolution grid on the
+#: one-level 16-channel encoder 11.92 dB; documentation/benchmarks.md)
+VQ_MIN_LATENT_CELLS = 16
 #: FSQ: L = 5 (paper); N * d ~= 28 (paper: 3 x 9 = 27 IXI, 4 x 7 = 28 BraTS) so E_prior's N*d outputs stay
 #: the same size; d within [4, 12]
 FSQ_LEVEL, FSQ_TOTAL_DIMS, FSQ_MIN_DIM, FSQ_MAX_DIM = 5, 28, 4, 12
@@ -287,10 +292,24 @@ class DefaultPlanner:
         k = _pow2_floor(latent_vectors_total / VQ_VECTORS_PER_CODE)
         return int(min(VQ_CODEBOOK_MAX, max(VQ_CODEBOOK_MIN, k)))
 
-    def vq(self, latent_vectors_per_case: float) -> Dict[str, Any]:
+    @staticmethod
+    def vq_downsampling_levels(shape: Sequence[float], max_levels: int) -> int:
+        """Stride-2 levels before the quantiser: the most (at most the network's) that leave VQ_MIN_LATENT_CELLS
+        cells across the smallest axis of ``shape`` (the median image, in-plane for 2d)."""
+        levels = 0
+        while levels < max_levels and min(shape) / 2 ** (levels + 1) >= VQ_MIN_LATENT_CELLS:
+            levels += 1
+        return levels
+
+    def vq(self, shape: Sequence[float], spatial_dims: int, max_levels: int) -> Dict[str, Any]:
+        """VQ settings for a median image ``shape`` (network axes; 2d: the slice axis first, not convolved) and a
+        network with ``max_levels`` stride-2 levels."""
+        plane = list(shape[1:]) if spatial_dims == 2 else list(shape)
+        levels = self.vq_downsampling_levels(plane, max_levels)
+        latent_vectors_per_case = float(np.prod(shape)) / (2 ** levels) ** len(plane)
         total = latent_vectors_per_case * self.num_cases
         k = self.codebook_size(total)
-        return {"latent_dim": self.latent_dim(), "codebook_size": k,
+        return {"latent_dim": self.latent_dim(), "codebook_size": k, "downsampling_levels": levels,
                 "codebook_size_segmentation": min(VQ_CODEBOOK_SEGMENTATION, k), "beta": 0.25,
                 "latent_vectors_per_case": int(latent_vectors_per_case),
                 "dead_code_restart": True, "dead_code_ema_decay": 0.99, "dead_code_threshold": 1.0,
@@ -371,7 +390,6 @@ class DefaultPlanner:
         dataset_voxels = float(np.prod(median_t)) * self.num_cases
         plane = median_t[1:] if spatial_dims == 2 else median_t
         patch, batch = self.patch_and_batch(plane, net, spatial_dims, k, dataset_voxels)
-        per_case = float(np.prod(median_t)) / (4 ** 2 if spatial_dims == 2 else 4 ** 3)
         training = self.training()
         return {
             "data_identifier": f"{self.plans_name}_{spatial_dims}d",
@@ -383,7 +401,7 @@ class DefaultPlanner:
             "batch_size": batch,
             "resampling": self.resampling(spacing_t),
             "network": net,
-            "vq": self.vq(per_case),
+            "vq": self.vq(median_t, spatial_dims, len(net["encoder_channels"]) - 1),
             "fsq": self.fsq(),
             "tsf": {"attention_reduction": 16, "spatial_kernel": 7},
             "training": training,

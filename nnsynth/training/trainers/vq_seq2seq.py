@@ -45,6 +45,8 @@ VQ_SEQ2SEQ_LOSS_DEFAULTS: Dict[str, Any] = {
     "lambda_con": 10.0, "lambda_vq": 10.0,                             # eq. 8
     "tau": 0.07, "max_contrastive_positions": 4096, "contrastive_normalize": True,
     "contrastive_keep_fraction": 0.125,  # authors' code: the 1/8 least self-similar positions
+    "contrastive_exclude_same_code": False,  # True: copies of the positive's code are no negatives (contrastive.py)
+    "consistency_latent": "z_q",        # eq. 7 on the quantised latents (paper) or "z_e" (the encoder's, continuous)
     "contrastive_start_epoch": None,    # None: min(100, num_epochs // 10) (authors' code: epoch 100)
     "vqc_start_epoch": None,            # None: min(200, num_epochs // 5)  (authors' code: epoch 200)
     "augmentation_start_epoch": None,   # None: the VQC start (authors' code: augmented inputs from epoch 200)
@@ -91,6 +93,9 @@ class VQSeq2SeqTrainer(TrainingEngine):
             cfg["vqc_start_epoch"] = min(200, epochs // 5)
         if cfg["augmentation_start_epoch"] is None:
             cfg["augmentation_start_epoch"] = cfg["vqc_start_epoch"]
+        if cfg["consistency_latent"] not in ("z_q", "z_e"):
+            raise PlansError("loss.vq_seq2seq.consistency_latent must be 'z_q' (eq. 7) or 'z_e', got "
+                             f"{cfg['consistency_latent']!r}")
         tps = cfg["targets_per_source"]
         if not (tps == "all" or (isinstance(tps, (int, float)) and int(tps) >= 1)):
             raise PlansError(f"loss.vq_seq2seq.targets_per_source must be 'all' or an int >= 1, got {tps!r}")
@@ -122,7 +127,8 @@ class VQSeq2SeqTrainer(TrainingEngine):
         self.consistency = LatentConsistencyLoss(float(self.loss_cfg["tau"]),
                                                  int(self.loss_cfg["max_contrastive_positions"]),
                                                  bool(self.loss_cfg["contrastive_normalize"]),
-                                                 float(self.loss_cfg["contrastive_keep_fraction"]))
+                                                 float(self.loss_cfg["contrastive_keep_fraction"]),
+                                                 bool(self.loss_cfg["contrastive_exclude_same_code"]))
         self.augmenter = DomainAugmenter(len(self.sequences), self.network.code_length,
                                          self.config.get("augmentation"))
         self.perceptual = self.build_perceptual_loss(float(self.loss_cfg["lambda_perceptual"]))
@@ -255,7 +261,8 @@ class VQSeq2SeqTrainer(TrainingEngine):
                         owner.append(b)
             if first:
                 lm = latent_mask(mask[torch.tensor(owner, device=images.device)], z_q.shape[2:])
-                mse, nce = self.consistency(z_q[first], z_q[second], lm)
+                z_c = z_q if self.loss_cfg["consistency_latent"] == "z_q" else vq.z_e
+                mse, nce = self.consistency(z_c[first], z_c[second], lm, vq.indices[first], vq.indices[second])
                 total = total + float(self.loss_cfg["lambda_con"]) * (mse + nce)
                 parts["con_mse"], parts["con_nce"] = mse, nce
         parts["perplexity"] = vq.perplexity
