@@ -69,6 +69,14 @@ def test_draw_multi_source_tasks():
     assert all(per_row[r] == [1] and int(targets[r]) == 1 for r in range(2000, 2010))  # one sequence: self only
     assert abs(self_rec / 2000 - 0.25) < 0.04                        # 1 / |available|
     assert set(sizes) == {1, 2, 3}                                   # every subset size of the 3 others
+    # all_sources_fraction: that share of the non-self draws takes every other sequence (prediction's task)
+    g = torch.Generator().manual_seed(1)
+    rows, seqs, targets = Seq2SeqTrainer.draw_multi_source(available[:2000], g, all_sources_fraction=0.6)
+    counts = torch.bincount(rows, minlength=2000)
+    self_rec = sum(int(c == 1 and seqs[rows == r][0] == targets[r]) for r, c in enumerate(counts.tolist()))
+    full = int((counts == 3).sum())
+    # non-self draws: 0.6 all three + 0.4 * 1/3 sized three by chance = 0.733
+    assert abs(full / (2000 - self_rec) - (0.6 + 0.4 / 3)) < 0.04 and abs(self_rec / 2000 - 0.25) < 0.04
 
 
 @pytest.mark.parametrize("joint", [False, True])

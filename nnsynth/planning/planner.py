@@ -71,6 +71,9 @@ INTENSITY_BALANCE = 0.5
 # seq2seq learning rate of CPU plans (GPU plans: the paper's 2e-4): short runs of the 4x narrower CPU network
 # learn faster with it (demo, 20 minutes: 19.25 dB against 18.51 dB at 2e-4; documentation/benchmarks.md)
 SEQ2SEQ_CPU_LR = 5e-4
+# seq2seq multi-source training: share of the non-self tasks whose sources are ALL other available sequences (the
+# task nnsynth_predict runs); the rest draw a random subset (trainers/seq2seq.py)
+SEQ2SEQ_ALL_SOURCES_FRACTION = 0.0
 
 TRAINERS = ("seq2seq", "vq_seq2seq", "tsf_seq2seq", "codebrain", "seg_from_latent")
 
@@ -288,7 +291,8 @@ class DefaultPlanner:
             if self.num_sequences > VQ_ANCHOR_SEQUENCES else 0
         return VQ_LATENT_DIM_ANCHOR + extra
 
-    def codebook_size(self, latent_vectors_total: float) -> int:
+    @staticmethod
+    def codebook_size(latent_vectors_total: float) -> int:
         k = _pow2_floor(latent_vectors_total / VQ_VECTORS_PER_CODE)
         return int(min(VQ_CODEBOOK_MAX, max(VQ_CODEBOOK_MIN, k)))
 
@@ -330,7 +334,8 @@ class DefaultPlanner:
         total = epochs * iters
         per_trainer = {
             "seq2seq": {"optimizer": "adam", "lr": 2e-4 if gpu else SEQ2SEQ_CPU_LR, "weight_decay": 0.0,
-                        "betas": [0.9, 0.999], "schedule": "poly", "multi_source": True},
+                        "betas": [0.9, 0.999], "schedule": "poly", "multi_source": True,
+                        "all_sources_fraction": SEQ2SEQ_ALL_SOURCES_FRACTION},
             "vq_seq2seq": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.95],
                            "schedule": "poly"},
             "tsf_seq2seq": {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999],

@@ -13,7 +13,8 @@ term of eq. 2 as a least-squares PatchGAN with one output map per sequence (D_j 
 Multi-source training (plans ``training.per_trainer.seq2seq.multi_source``, on by default in new plans): each
 sample draws a target among the case's available sequences and, as sources, either the target itself
 (self-reconstruction, with the paper's 1/|available| odds) or a random non-empty subset of the other available
-sequences; the decoder reads the mean of the sources' encodings (the "average" fusion the TSF paper compares
+sequences (with probability ``training.per_trainer.seq2seq.all_sources_fraction``: all of them, the task
+``nnsynth_predict`` runs when it imputes a sequence from everything a case has); the decoder reads the mean of the sources' encodings (the "average" fusion the TSF paper compares
 with), or with ``network.joint_input`` (default in new plans) their joint encoding. With one source this is
 exactly eq. 1's one-to-one pair; with several it teaches the one decoder to use what every given sequence
 shows (a lesion seen only on T2, say). Prediction then fuses the same way.
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnsynth.exceptions import PlansError
 from nnsynth.training.dataloading import SynthesisSampler
 from nnsynth.training.engine import TrainingEngine
 
@@ -67,6 +69,10 @@ class Seq2SeqTrainer(TrainingEngine):
         self.lambda_cycle = float(self.loss_cfg["lambda_cycle"])
         self.lambda_adv = float(self.loss_cfg["lambda_adv"])
         self.multi_source = bool(self.training.get("multi_source", False))
+        self.all_sources_fraction = float(self.training.get("all_sources_fraction", 0.0))
+        if not 0.0 <= self.all_sources_fraction <= 1.0:
+            raise PlansError("training.per_trainer.seq2seq.all_sources_fraction must be within [0, 1], got "
+                             f"{self.all_sources_fraction}")
         if self.multi_source and (self.lambda_cycle > 0 or self.lambda_adv > 0):
             logger.info("Cycle/adversarial terms need one source per sample: multi-source training is off")
             self.multi_source = False
@@ -110,12 +116,13 @@ class Seq2SeqTrainer(TrainingEngine):
         return self.multi_sequence_sampler(1) if self.multi_source else super().build_sampler()
 
     @staticmethod
-    def draw_multi_source(available: torch.Tensor, generator: Optional[torch.Generator] = None
-                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def draw_multi_source(available: torch.Tensor, generator: Optional[torch.Generator] = None,
+                          all_sources_fraction: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per row of ``available`` (B, N) bool: a random available target and its sources, the target alone
-        with probability 1/|available| (self-reconstruction, as the paper's uniform pairs give), else a random
-        non-empty subset of the other available sequences. Returns (rows, sequences, targets): source m is
-        sequence ``sequences[m]`` of row ``rows[m]``."""
+        with probability 1/|available| (self-reconstruction, as the paper's uniform pairs give), else every other
+        available sequence with probability ``all_sources_fraction`` and otherwise a random non-empty subset of
+        them (its size uniform). Returns (rows, sequences, targets): source m is sequence ``sequences[m]`` of row
+        ``rows[m]``."""
         rows, seqs, targets = [], [], []
         for i in range(available.shape[0]):
             av = available[i].nonzero(as_tuple=True)[0].tolist()
@@ -123,6 +130,8 @@ class Seq2SeqTrainer(TrainingEngine):
             others = [s for s in av if s != t]
             if not others or float(torch.rand((), generator=generator)) < 1.0 / len(av):
                 chosen = [t]
+            elif all_sources_fraction > 0 and float(torch.rand((), generator=generator)) < all_sources_fraction:
+                chosen = others
             else:
                 r = int(torch.randint(1, len(others) + 1, (1,), generator=generator))
                 chosen = sorted(others[j] for j in torch.randperm(len(others), generator=generator)[:r].tolist())
@@ -133,7 +142,8 @@ class Seq2SeqTrainer(TrainingEngine):
 
     def _multi_source_loss(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, float]]:
         images = batch["images"]
-        rows, seqs, targets = self.draw_multi_source(batch["available"].bool().cpu())
+        rows, seqs, targets = self.draw_multi_source(batch["available"].bool().cpu(),
+                                                     all_sources_fraction=self.all_sources_fraction)
         rows, seqs, targets = rows.to(images.device), seqs.to(images.device), targets.to(images.device)
         pred = self.train_network(images[rows, seqs], targets, rows, seqs)
         truth = images[torch.arange(images.shape[0], device=images.device), targets]
