@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nnsynth.networks.seq2seq import Seq2SeqNet, fuse_mean
-from test_training_engine import _no_final_validation, _weights, make_preprocessed, make_trainer, tiny_plans
+from test_training_engine import (_no_final_validation, _weights, interrupt_after_epoch, make_preprocessed,
+                                  make_trainer, tiny_plans)
 
 
 def _multi_plans(joint=False, **kw):
@@ -113,14 +114,7 @@ def test_multi_source_exact_resume(tmp_path):
     kw = dict(num_epochs=3, iters_per_epoch=2)
     ref = _no_final_validation(make_trainer(pre, tmp_path / "ref", **kw))
     ref.run_training()
-    a = _no_final_validation(make_trainer(pre, tmp_path / "run", **kw))
-
-    def stop_after_one(epoch):
-        if epoch == 0:
-            raise KeyboardInterrupt
-    a.on_epoch_end = stop_after_one
-    with pytest.raises(KeyboardInterrupt):
-        a.run_training()
+    interrupt_after_epoch(_no_final_validation(make_trainer(pre, tmp_path / "run", **kw)), 0)
     b = _no_final_validation(make_trainer(pre, tmp_path / "run", **kw))
     b.run_training(continue_training=True)
     wr, wb = _weights(ref), _weights(b)

@@ -90,6 +90,16 @@ def _no_final_validation(trainer):
     return trainer
 
 
+def interrupt_after_epoch(trainer, epoch: int = 0) -> None:
+    """Train until Ctrl-C arrives at the end of ``epoch``: the state a killed run leaves for ``--c``."""
+    def stop(e):
+        if e == epoch:
+            raise KeyboardInterrupt
+    trainer.on_epoch_end = stop
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run_training()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One real 2-epoch x 3-iteration run shared by the artefact/improvement/checkpoint tests."""

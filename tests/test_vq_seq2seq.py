@@ -213,3 +213,32 @@ def test_term_switches_scale_when_the_time_budget_shortens_the_run(vq_run, caplo
         trainer.on_schedule_fitted()
     assert [trainer.start_epoch(k) for k in ("contrastive_start_epoch", "vqc_start_epoch")] == [5, 10]
     assert "too few to scale" in caplog.text
+
+
+def test_short_run_options_train_end_to_end_and_resume_exactly(tmp_path):
+    """The opt-in remedies of eq. 7's short-run cost (moving-average codebook, same-code negatives left out, eq. 7
+    on z_e) with a finer latent grid train through the real loss, and a run interrupted after epoch 1 resumes to
+    the uninterrupted run's weights (the moving averages travel in the checkpoint)."""
+    import copy as _copy
+    from test_training_engine import _no_final_validation, interrupt_after_epoch, make_preprocessed
+    from nnsynth.training.trainers.vq_seq2seq import VQSeq2SeqTrainer
+    plans = _plans(epochs=2, iters=3)
+    cfg = plans["configurations"]["2d"]
+    cfg["vq"].update({"codebook_update": "ema", "downsampling_levels": 1})
+    cfg["loss"]["vq_seq2seq"].update({"contrastive_exclude_same_code": True, "consistency_latent": "z_e"})
+    pre = make_preprocessed(tmp_path / "pre", plans=plans, shape=(6, 20, 20), availability=CHAIN)
+
+    def trainer(folder):
+        return _no_final_validation(VQSeq2SeqTrainer(_copy.deepcopy(plans), "2d", 0, pre, folder, "cpu"))
+    full = trainer(tmp_path / "full")
+    full.run_training()
+    q = full.network.quantizer
+    assert q.codebook_update == "ema" and full.network.divisor == 2 and not q.codebook_param.requires_grad
+    assert "con_nce" in (tmp_path / "full" / "fold_0" / "training_log.txt").read_text()
+    assert all(np.isfinite(full.logs["train_loss"]))
+    interrupt_after_epoch(trainer(tmp_path / "part"), 0)
+    resumed = trainer(tmp_path / "part")
+    resumed.run_training(continue_training=True)
+    a, b = full.network.state_dict(), resumed.network.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), atol=1e-5, rtol=1e-4, msg=key)
