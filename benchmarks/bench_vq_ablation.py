@@ -142,16 +142,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from nnsynth.dataset.demo import make_demo_dataset
     if not list((a.work / "raw").glob(f"Dataset{a.dataset_id:03d}_*")):
         make_demo_dataset(dataset=a.dataset_id, num_cases=a.cases, spacing=a.spacing, progress=False)
-    name = None
-    try:
-        name = paths.resolve_dataset_name(str(a.dataset_id))
-    except Exception:   # noqa: BLE001 - resolved again after planning
-        pass
-    if name is None or not (paths.preprocessed_folder() / name / "nnsynthPlans.json").is_file():
+    pre = paths.preprocessed_folder() / paths.resolve_dataset_name(str(a.dataset_id))
+    if not (pre / "nnsynthPlans.json").is_file():
         if plan_cli(["-d", str(a.dataset_id), "-c", "2d", "--device", "cpu", "--no-progress"]) != 0:
             return 1
-        name = paths.resolve_dataset_name(str(a.dataset_id))
-    pre = paths.preprocessed_folder() / name
     rows = [run_variant(v, a, pre, env) for v in a.variants]
     out = {"benchmark": "vq ablation", "args": {k: str(v) for k, v in vars(a).items()}, "results": rows}
     (a.work / "results.json").write_text(json.dumps(out, indent=2))
