@@ -84,8 +84,7 @@ def run_variant(name: str, a: argparse.Namespace, pre: Path, env: Dict[str, str]
     levels = cfg["vq"].get("downsampling_levels")
     if levels is not None and "vq.codebook_size" not in settings:   # K as the planner sizes it for this grid
         from nnsynth.planning.planner import DefaultPlanner
-        median = cfg["median_shape"]
-        vectors = float(median[0]) * float(median[1] * median[2]) / 4 ** int(levels)
+        vectors = DefaultPlanner.latent_vectors_per_case(cfg["median_shape"], 2, int(levels))
         cfg["vq"]["codebook_size"] = DefaultPlanner.codebook_size(vectors * int(plans["num_training_cases"]))
     (pre / f"{ident}.json").write_text(json.dumps(plans, indent=1))
     fold = results_folder() / pre.name / f"{trainer}__{ident}__2d" / "fold_0"

@@ -359,5 +359,5 @@ class VectorQuantizer(nn.Module):
         return self.to_features(out.z_q), out
 
 
-__all__ = ["VectorQuantizer", "VQOutput", "VQ_DEFAULTS", "CODEBOOK_UPDATES", "vq_loss", "straight_through", "perplexity_from_counts",
-           "kmeans_plus_plus"]
+__all__ = ["VectorQuantizer", "VQOutput", "VQ_DEFAULTS", "CODEBOOK_UPDATES", "vq_loss", "straight_through",
+           "perplexity_from_counts", "kmeans_plus_plus"]

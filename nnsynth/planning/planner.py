@@ -307,12 +307,18 @@ class DefaultPlanner:
             levels += 1
         return levels
 
+    @staticmethod
+    def latent_vectors_per_case(shape: Sequence[float], spatial_dims: int, levels: int) -> float:
+        """Quantised latent vectors of a median image ``shape`` (network axes; 2d: the slice axis first, not
+        convolved) on a grid ``2**levels`` times coarser along each convolved axis."""
+        return float(np.prod(shape)) / (2 ** levels) ** (2 if spatial_dims == 2 else len(shape))
+
     def vq(self, shape: Sequence[float], spatial_dims: int, max_levels: int) -> Dict[str, Any]:
         """VQ settings for a median image ``shape`` (network axes; 2d: the slice axis first, not convolved) and a
         network with ``max_levels`` stride-2 levels."""
         plane = list(shape[1:]) if spatial_dims == 2 else list(shape)
         levels = self.vq_downsampling_levels(plane, max_levels)
-        latent_vectors_per_case = float(np.prod(shape)) / (2 ** levels) ** len(plane)
+        latent_vectors_per_case = self.latent_vectors_per_case(shape, spatial_dims, levels)
         total = latent_vectors_per_case * self.num_cases
         k = self.codebook_size(total)
         return {"latent_dim": self.latent_dim(), "codebook_size": k, "downsampling_levels": levels,
