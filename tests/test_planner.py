@@ -125,6 +125,9 @@ def test_cpu_plan_is_smaller_than_gpu_plan_and_within_time_budget():
         c, g = cpu["configurations"][name], gpu["configurations"][name]
         assert c["batch_size"] * np.prod(c["patch_size"]) < g["batch_size"] * np.prod(g["patch_size"])
         assert sum(c["network"]["encoder_channels"]) < sum(g["network"]["encoder_channels"])
+        # the paper's 6 + 6 bottleneck blocks on a GPU; CPU runs are iteration-bound and keep 2 + 2
+        assert (g["network"]["num_res_blocks"], g["network"]["num_hyper_res_blocks"]) == (6, 6)
+        assert (c["network"]["num_res_blocks"], c["network"]["num_hyper_res_blocks"]) == (2, 2)
         assert c["training"]["amp"] is False
     c = cpu["configurations"]["2d"]
     ref = dict(c["network"], **{k: CPU_REFERENCE[k] for k in ("encoder_channels", "num_res_blocks",
