@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue as queue_module
 import resource
 import sys
 import time
@@ -50,6 +51,7 @@ def _run_one(cfg: Dict[str, Any], queue) -> None:
     x = torch.rand(b, cfg["in_channels"], *cfg["patch_size"], device=device)
     y = torch.rand_like(x)
     gen = torch.Generator().manual_seed(1)
+    needs_source = bool(network.get("joint_input") or network.get("source_conditioning"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -59,8 +61,11 @@ def _run_one(cfg: Dict[str, Any], queue) -> None:
         else:
             target = torch.randperm(cfg["num_sequences"], generator=gen)[:b] if b <= cfg["num_sequences"] \
                 else torch.randint(0, cfg["num_sequences"], (b,), generator=gen)
+        # a joint-input or source-conditioned encoder must be told what it reads: one other sequence per sample
+        # (the joint encoder costs the same whether one or all of a row's slots are filled)
+        source = (target + 1) % cfg["num_sequences"] if needs_source else None
         opt.zero_grad(set_to_none=True)
-        loss = (net(x, target.to(device)) - y).abs().mean()
+        loss = (net(x, target.to(device), None, None if source is None else source.to(device)) - y).abs().mean()
         loss.backward()
         opt.step()
 
@@ -147,7 +152,14 @@ def main(argv=None) -> int:
         queue = ctx.Queue()
         proc = ctx.Process(target=_run_one, args=(cfg, queue))
         proc.start()
-        row = queue.get()
+        row = None
+        while row is None:
+            try:
+                row = queue.get(timeout=5.0)
+            except queue_module.Empty:
+                if not proc.is_alive():   # crashed (its traceback is above): do not wait forever
+                    raise SystemExit(f"configuration {cfg['name']} failed in its subprocess "
+                                     f"(exit code {proc.exitcode})")
         proc.join()
         rows.append(row)
     cols = ["name", "device", "channels", "blocks", "patch", "k", "batch", "params_M", "s_per_iter", "samples_per_s",

@@ -39,9 +39,10 @@ CPU_REFERENCE = {"encoder_channels": [16, 32, 64], "num_res_blocks": 6, "num_hyp
 ENCODER_CHANNELS = {("cpu", 2): [16, 32, 64], ("cpu", 3): [8, 16, 32],
                     ("cuda", 2): [64, 128, 256], ("cuda", 3): [32, 64, 128]}
 #: residual + hyper-residual blocks at the bottleneck: the paper's 6 + 6 on a GPU; CPU runs are iteration-bound (a
-#: 20-minute run is ~2 000 steps), and 2 + 2 blocks cost 40 % fewer multiply-adds per sample. Demo, 10 CPU minutes
-#: (benchmarks/bench_seq2seq_quality.py, documentation/benchmarks.md): 6 + 6 17.44 dB, 2 + 2 18.58 (batch 7, as
-#: planned) / 18.85 (batch 4), 1 + 1 18.44, 2 + 2 at 24/48/96 channels 17.71
+#: 20-minute run is ~4 000 steps), and 2 + 2 blocks cost 40 % fewer multiply-adds per sample, so the budget buys
+#: a larger batch. Demo (benchmarks/bench_seq2seq_quality.py, documentation/benchmarks.md), 20 minutes: 20.32 dB
+#: against 19.33 with 6 + 6; 10 minutes, 1 thread: 6 + 6 17.44, 2 + 2 18.58 (batch 7, as planned) / 18.85
+#: (batch 4), 1 + 1 18.44, 2 + 2 at 24/48/96 channels 17.71
 RES_BLOCKS = {"cpu": 2, "cuda": 6}
 MAX_PATCH_EDGE = {("cpu", 2): 128, ("cpu", 3): 96, ("cuda", 2): 256, ("cuda", 3): 160}
 MAX_BATCH_SIZE = {("cpu", 2): 8, ("cpu", 3): 2, ("cuda", 2): 16, ("cuda", 3): 4}
