@@ -232,9 +232,10 @@ class DefaultPlanner:
 
     # -- network ---------------------------------------------------------------------------------------------
     def network(self, spatial_dims: int) -> Dict[str, Any]:
+        blocks = RES_BLOCKS[self.device]
         return {"encoder_channels": list(ENCODER_CHANNELS[(self.device, spatial_dims)]),
-                "encoder_kernel_sizes": [7, 3, 3], "num_res_blocks": RES_BLOCKS[self.device],
-                "num_hyper_res_blocks": RES_BLOCKS[self.device], "hyper_bank_size": 16, "code_length": self.code_length(),
+                "encoder_kernel_sizes": [7, 3, 3], "num_res_blocks": blocks, "num_hyper_res_blocks": blocks,
+                "hyper_bank_size": 16, "code_length": self.code_length(),
                 "hyper_mlp_hidden": 64, "norm": "instance", "negative_slope": 0.2, "padding_mode": "reflect",
                 "upsample_mode": "nearest", "res_kernel_size": 3, "skip_connections": True,
                 "source_conditioning": False, "joint_input": True}
