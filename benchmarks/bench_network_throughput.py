@@ -51,7 +51,7 @@ def _run_one(cfg: Dict[str, Any], queue) -> None:
     x = torch.rand(b, cfg["in_channels"], *cfg["patch_size"], device=device)
     y = torch.rand_like(x)
     gen = torch.Generator().manual_seed(1)
-    needs_source = bool(network.get("joint_input") or network.get("source_conditioning"))
+    needs_source = net.joint_input or net.source_conditioning
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
