@@ -2,6 +2,7 @@
 chained-unpaired dataset (no case holds T1 and Flair together), including the CLI and --c."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -12,6 +13,8 @@ from nnsynth.exceptions import PlansError
 from nnsynth.networks.vq_seq2seq import VQSeq2SeqNet, sample_vqc, vqc_statistics
 from nnsynth.training.augmentation_domain import (DomainAugmenter, bias_field, intensity_transform,
                                                   random_one_hot_code, random_uniform_code)
+from nnsynth.training.trainers.vq_seq2seq import VQSeq2SeqTrainer
+from test_training_engine import _no_final_validation, interrupt_after_epoch, make_preprocessed, tiny_plans
 
 NET = {"encoder_channels": [4, 8, 8], "encoder_kernel_sizes": [7, 3, 3], "num_res_blocks": 1,
        "num_hyper_res_blocks": 1, "hyper_bank_size": 4, "code_length": 8}
@@ -114,7 +117,6 @@ def test_domain_augmenter_replaces_inputs_with_one_augmented_version():
 
 # ----- trainer --------------------------------------------------------------------------------------------------
 def _plans(epochs=2, iters=4):
-    from test_training_engine import tiny_plans
     plans = tiny_plans(patch=(16, 16), epochs=epochs, iters=iters)
     cfg = plans["configurations"]["2d"]
     cfg.update({"batch_size": 2, "network": dict(NET), "vq": dict(VQ)})
@@ -126,8 +128,6 @@ def _plans(epochs=2, iters=4):
 
 @pytest.fixture(scope="module")
 def vq_run(tmp_path_factory):
-    from test_training_engine import make_preprocessed
-    from nnsynth.training.trainers.vq_seq2seq import VQSeq2SeqTrainer
     root = tmp_path_factory.mktemp("vq")
     plans = _plans()
     pre = make_preprocessed(root / "pre", plans=plans, shape=(6, 20, 20), availability=CHAIN)
@@ -160,7 +160,6 @@ def test_vq_trainer_on_unpaired_chain_data(vq_run):
 
 
 def test_vq_trainer_improves(vq_run):
-    from nnsynth.training.trainers.vq_seq2seq import VQSeq2SeqTrainer
     trainer, plans, pre, out = vq_run
     fresh = VQSeq2SeqTrainer(plans, "2d", 0, pre, out.parent / "fresh", "cpu")
     fresh.initialize()
@@ -174,7 +173,6 @@ def test_vq_trainer_improves(vq_run):
 
 
 def test_vq_cli_runs_and_resumes(nnsynth_folders):
-    from test_training_engine import make_preprocessed
     from nnsynth.cli.train import cli
     plans = _plans(epochs=1, iters=1)
     make_preprocessed(nnsynth_folders["preprocessed"], n_cases=3, plans=plans, shape=(4, 16, 16),
@@ -192,7 +190,6 @@ def test_term_switches_scale_when_the_time_budget_shortens_the_run(vq_run, caplo
     """--max-minutes shrinking 50 planned epochs to 10 must move the contrastive/VQC/augmentation starts to the
     same fraction of training (else a short run never reaches them)."""
     import logging
-    from nnsynth.training.trainers.vq_seq2seq import VQSeq2SeqTrainer
     _, _, pre, out = vq_run
     plans = _plans(epochs=50)
     plans["configurations"]["2d"]["loss"]["vq_seq2seq"].update(
@@ -219,9 +216,6 @@ def test_short_run_options_train_end_to_end_and_resume_exactly(tmp_path):
     """The opt-in remedies of eq. 7's short-run cost (moving-average codebook, same-code negatives left out, eq. 7
     on z_e) with a finer latent grid train through the real loss, and a run interrupted after epoch 1 resumes to
     the uninterrupted run's weights (the moving averages travel in the checkpoint)."""
-    import copy as _copy
-    from test_training_engine import _no_final_validation, interrupt_after_epoch, make_preprocessed
-    from nnsynth.training.trainers.vq_seq2seq import VQSeq2SeqTrainer
     plans = _plans(epochs=2, iters=3)
     cfg = plans["configurations"]["2d"]
     cfg["vq"].update({"codebook_update": "ema", "downsampling_levels": 1})
@@ -229,7 +223,7 @@ def test_short_run_options_train_end_to_end_and_resume_exactly(tmp_path):
     pre = make_preprocessed(tmp_path / "pre", plans=plans, shape=(6, 20, 20), availability=CHAIN)
 
     def trainer(folder):
-        return _no_final_validation(VQSeq2SeqTrainer(_copy.deepcopy(plans), "2d", 0, pre, folder, "cpu"))
+        return _no_final_validation(VQSeq2SeqTrainer(copy.deepcopy(plans), "2d", 0, pre, folder, "cpu"))
     full = trainer(tmp_path / "full")
     full.run_training()
     q = full.network.quantizer
