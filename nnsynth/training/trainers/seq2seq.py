@@ -17,7 +17,8 @@ sequences (with probability ``training.per_trainer.seq2seq.all_sources_fraction`
 ``nnsynth_predict`` runs when it imputes a sequence from everything a case has); the decoder reads the mean of
 the sources' encodings (the "average" fusion the TSF paper compares with), or with ``network.joint_input``
 (default in new plans) their joint encoding. With one source this is exactly eq. 1's one-to-one pair; with
-several it teaches the one decoder to use what every given sequence shows (a lesion seen only on T2, say). Prediction then fuses the same way.
+several it teaches the one decoder to use what every given sequence shows (a lesion seen only on T2, say).
+Prediction then fuses the same way.
 With ``multi_source`` off the trainer is the paper's one-to-one Seq2Seq, and prediction from several sources
 averages the per-source outputs (output space).
 """
