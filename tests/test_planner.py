@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from nnsynth.exceptions import PlansError
-from nnsynth.planning.planner import (CPU_REFERENCE, VQ_MIN_LATENT_CELLS, DefaultPlanner, get_planner_class,
-                                      iteration_cost, register_planner)
+from nnsynth.planning.planner import (CPU_REFERENCE, POINTWISE_WIDTH, VQ_MIN_LATENT_CELLS, DefaultPlanner,
+                                      get_planner_class, iteration_cost, register_planner)
 from nnsynth.planning.plans import apply_overrides, get_configuration, get_trainer_settings
 
 NAMES = ["T1", "T1Gd", "T2", "Flair", "PD", "DWI"]
@@ -128,6 +128,8 @@ def test_cpu_plan_is_smaller_than_gpu_plan_and_within_time_budget():
         # the paper's 6 + 6 bottleneck blocks on a GPU; CPU runs are iteration-bound and keep 2 + 2
         assert (g["network"]["num_res_blocks"], g["network"]["num_hyper_res_blocks"]) == (6, 6)
         assert (c["network"]["num_res_blocks"], c["network"]["num_hyper_res_blocks"]) == (2, 2)
+        # the voxelwise intensity path of the Seq2Seq backbone, on both (networks/seq2seq.py)
+        assert c["network"]["pointwise_width"] == g["network"]["pointwise_width"] == POINTWISE_WIDTH > 0
         assert c["training"]["amp"] is False
     c = cpu["configurations"]["2d"]
     ref = dict(c["network"], **{k: CPU_REFERENCE[k] for k in ("encoder_channels", "num_res_blocks",

@@ -51,7 +51,7 @@ def test_encoding_layout_and_shapes(dims, k, size):
     with torch.no_grad():
         y = net(x, torch.tensor([0, 3]))
     assert y.shape == x.shape and 0.0 <= float(y.min()) and float(y.max()) <= 1.0
-    bottleneck, skips = net.decoder.split(feats)
+    bottleneck, skips, _ = net.decoder.split(feats)
     assert bottleneck.shape[1] == 16 and [s.shape[1] for s in skips] == [8, 4]
     assert torch.equal(net.decoder.pack(bottleneck, list(reversed(skips))), feats)
 
@@ -63,7 +63,7 @@ def test_decoder_reads_the_skip_maps():
     feats = net.encode(x)
     code = torch.tensor([2])
     base = net.decode(feats, code)
-    bottleneck, skips = net.decoder.split(feats)
+    bottleneck, skips, _ = net.decoder.split(feats)
     changed = net.decoder.pack(bottleneck, [torch.randn_like(skips[1]), skips[0]])   # full-resolution map only
     assert (net.decode(changed, code) - base).abs().max() > 1e-3
 
@@ -86,7 +86,7 @@ def test_fusing_encodings_fuses_every_skip_map_the_same_way():
     x = torch.rand(3, 3, 16, 16)
     feats = net.encode(x)
     fused = fuse_mean(feats, torch.tensor([0, 0, 1]), 2)
-    b, skips = net.decoder.split(fused)
+    b, skips, _ = net.decoder.split(fused)
     parts = [net.decoder.split(feats[i:i + 1]) for i in range(3)]
     assert torch.allclose(b[0], (parts[0][0][0] + parts[1][0][0]) / 2)
     for level in range(2):

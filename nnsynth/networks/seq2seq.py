@@ -24,6 +24,16 @@ as a mean in latent space, where that joint information is gone: on the demo dat
 no better than the best single source, while a voxelwise lookup over the three sources beats any one of them by
 7 dB (documentation/benchmarks.md).
 
+Pointwise intensity path (plans ``network.pointwise_width``; not in the paper, on in nnsynth's default plans):
+every convolution of E and G is followed by instance normalisation, which removes each feature map's mean and
+scale over the patch, so the absolute intensity of a voxel in the normalised space (CSF near 0, white matter
+near its anchor, a lesion's real contrast) can only be guessed back from context. A voxelwise map of the source
+intensities keeps it (the intensity-lookup baseline is one). The path is that map, learned: two 1x1
+convolutions with LeakyReLU and no normalisation on the encoder's input (target-agnostic, so it travels in the
+encoding like a skip map), then in the decoder a 1x1 HyperConv + LeakyReLU and a 1x1 HyperConv head on the
+target's code, whose output is added to G's final convolution before the Tanh, so nothing normalises it on the
+way to the output. (Concatenating it to the final 7x7 convolution's input instead made a CPU step 45 % slower.)
+
 Sizes that are not multiples of the down-sampling factor are padded with background (0) by ``encode`` and
 cropped back by ``decode(..., output_size=...)`` / ``forward``.
 """
@@ -63,6 +73,7 @@ DEFAULT_SEQ2SEQ_NETWORK: Dict[str, Any] = {
     "skip_connections": False,       # encoder -> decoder skips at every resolution (not in the paper)
     "source_conditioning": False,    # the encoder's first conv is a HyperConv on the source's code (not in the paper)
     "joint_input": False,            # the encoder reads every given sequence at once as channels (not in the paper)
+    "pointwise_width": 0,            # channels of the un-normalised voxelwise intensity path (0: off; not in the paper)
 }
 # small init of the last HyperConv so the Tanh starts in its linear range, not saturated
 FINAL_LAYER_INIT_GAIN = 0.5
@@ -91,8 +102,8 @@ def resolve_network_config(network: Mapping[str, Any]) -> Dict[str, Any]:
         problems.append(f"encoder_kernel_sizes ({kernels}) must have one entry per encoder_channels entry ({chans})")
     if any(k < 1 or k % 2 == 0 for k in kernels):
         problems.append(f"encoder_kernel_sizes must be odd, got {kernels}")
-    for key in ("num_res_blocks", "num_hyper_res_blocks"):
-        if int(cfg[key]) < 0:
+    for key in ("num_res_blocks", "num_hyper_res_blocks", "pointwise_width"):
+        if int(cfg[key] or 0) < 0:
             problems.append(f"{key} must be >= 0, got {cfg[key]}")
     if int(cfg["hyper_bank_size"]) < 1 or int(cfg["code_length"]) < 1:
         problems.append("hyper_bank_size and code_length must be >= 1")
@@ -108,6 +119,7 @@ def resolve_network_config(network: Mapping[str, Any]) -> Dict[str, Any]:
         raise PlansError("Invalid network settings in the plans:\n" + "\n".join(f"  - {p}" for p in problems))
     cfg["encoder_channels"] = chans
     cfg["encoder_kernel_sizes"] = kernels
+    cfg["pointwise_width"] = int(cfg["pointwise_width"] or 0)
     for key in ("num_res_blocks", "num_hyper_res_blocks", "hyper_bank_size", "code_length", "res_kernel_size"):
         cfg[key] = int(cfg[key])
     cfg["negative_slope"] = float(cfg["negative_slope"])
@@ -142,6 +154,12 @@ class Encoder(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.out_channels = chans[-1]
         self.num_levels = len(chans)
+        width = cfg["pointwise_width"]
+        #: the voxelwise intensity path (module docstring): 1x1 convolutions without normalisation
+        self.pointwise: Optional[nn.Module] = nn.Sequential(
+            ConvNormAct(spatial_dims, in_channels, width, 1, 1, norm="none", negative_slope=cfg["negative_slope"]),
+            ConvNormAct(spatial_dims, width, width, 1, 1, norm="none", negative_slope=cfg["negative_slope"]),
+        ) if width else None
 
     def forward(self, x: Tensor, code: Optional[Tensor] = None) -> Tensor:
         return self.forward_with_skips(x, code)[0]
@@ -156,9 +174,15 @@ class Encoder(nn.Module):
                 skips.append(x)
         return x, skips
 
+    def encode(self, x: Tensor, code: Optional[Tensor] = None) -> Tuple[Tensor, List[Tensor], Optional[Tensor]]:
+        """``forward_with_skips`` plus the pointwise path's features of the same input (None when it is off)."""
+        bottleneck, skips = self.forward_with_skips(x, code)
+        return bottleneck, skips, (self.pointwise(x) if self.pointwise is not None else None)
+
 
 class HyperDecoder(nn.Module):
-    """G: hyper-residual blocks, then per level (upsample 2x + HyperConv), then a final HyperConv k7 and Tanh.
+    """G: hyper-residual blocks, then per level (upsample 2x + HyperConv), then a final HyperConv k7 (plus the
+    pointwise path's 1x1 head when it is on) and Tanh.
 
     Output is in [-1, 1]."""
 
@@ -176,7 +200,15 @@ class HyperDecoder(nn.Module):
             HyperUpBlock(spatial_dims, chans[i], chans[i - 1], kernels[i], upsample_mode=cfg["upsample_mode"],
                          **hyper, **common)
             for i in range(len(chans) - 1, 0, -1))
-        self.final = HyperConv(chans[0], out_channels, kernels[0], cfg["code_length"], spatial_dims=spatial_dims,
+        self.pointwise_width = cfg["pointwise_width"]
+        self.pointwise: Optional[nn.ModuleList] = nn.ModuleList([
+            HyperConvNormAct(spatial_dims, self.pointwise_width, self.pointwise_width, 1, norm="none",
+                             negative_slope=cfg["negative_slope"], **hyper),
+            HyperConv(self.pointwise_width, out_channels, 1, cfg["code_length"], spatial_dims=spatial_dims,
+                      bank_size=cfg["hyper_bank_size"], mlp_hidden=cfg["hyper_mlp_hidden"],
+                      init_gain=FINAL_LAYER_INIT_GAIN)]) if self.pointwise_width else None
+        self.final = HyperConv(chans[0], out_channels, kernels[0], cfg["code_length"],
+                               spatial_dims=spatial_dims,
                                padding_mode=cfg["padding_mode"], bank_size=cfg["hyper_bank_size"],
                                mlp_hidden=cfg["hyper_mlp_hidden"], init_gain=FINAL_LAYER_INIT_GAIN)
         self.skip_connections = bool(cfg["skip_connections"])
@@ -187,31 +219,49 @@ class HyperDecoder(nn.Module):
         self.skip_blocks = nn.ModuleList(
             HyperConvNormAct(spatial_dims, 2 * c, c, cfg["res_kernel_size"], **hyper, **common)
             for c, _ in (self.skip_layout if self.skip_connections else []))
-        self.in_channels = chans[-1] + (sum(c * f ** spatial_dims for c, f in self.skip_layout)
-                                        if self.skip_connections else 0)
+        self.divisor = 2 ** (len(chans) - 1)
+        self.in_channels = (chans[-1] + (sum(c * f ** spatial_dims for c, f in self.skip_layout)
+                                         if self.skip_connections else 0)
+                            + self.pointwise_width * self.divisor ** spatial_dims)
 
-    def split(self, features: Tensor) -> Tuple[Tensor, List[Tensor]]:
-        """An encoding -> (bottleneck features, skip maps at their own resolution, coarse to fine)."""
-        if not self.skip_connections:
-            return features, []
-        parts = torch.split(features, [self.bottleneck_channels] + [c * f ** (features.dim() - 2)
-                                                                    for c, f in self.skip_layout], dim=1)
-        return parts[0], [depth_to_space(p, f) for p, (_, f) in zip(parts[1:], self.skip_layout)]
+    def split(self, features: Tensor) -> Tuple[Tensor, List[Tensor], Optional[Tensor]]:
+        """An encoding -> (bottleneck features, skip maps at their own resolution, coarse to fine, pointwise
+        features at full resolution or None)."""
+        dims = features.dim() - 2
+        layout = list(self.skip_layout) if self.skip_connections else []
+        if self.pointwise_width:
+            layout.append((self.pointwise_width, self.divisor))
+        if not layout:
+            return features, [], None
+        parts = torch.split(features, [self.bottleneck_channels] + [c * f ** dims for c, f in layout], dim=1)
+        maps = [depth_to_space(p, f) for p, (_, f) in zip(parts[1:], layout)]
+        if self.pointwise_width:
+            return parts[0], maps[:-1], maps[-1]
+        return parts[0], maps, None
 
-    def pack(self, bottleneck: Tensor, skips: Sequence[Tensor]) -> Tensor:
-        """Inverse of ``split``: ``skips`` full resolution first, as ``Encoder.forward_with_skips`` returns them."""
-        folded = [space_to_depth(s, f) for s, (_, f) in zip(reversed(skips), self.skip_layout)]
-        return torch.cat([bottleneck] + folded, dim=1)
+    def pack(self, bottleneck: Tensor, skips: Sequence[Tensor], pointwise: Optional[Tensor] = None) -> Tensor:
+        """Inverse of ``split``: ``skips`` full resolution first, as ``Encoder.forward_with_skips`` returns them
+        (ignored without skip connections); ``pointwise`` is required exactly when the path is on."""
+        if (pointwise is not None) != bool(self.pointwise_width):
+            raise ValueError("pack() needs the pointwise features exactly when network.pointwise_width > 0")
+        folded = ([space_to_depth(s, f) for s, (_, f) in zip(reversed(skips), self.skip_layout)]
+                  if self.skip_connections else [])
+        if pointwise is not None:
+            folded.append(space_to_depth(pointwise, self.divisor))
+        return torch.cat([bottleneck] + folded, dim=1) if folded else bottleneck
 
     def forward(self, features: Tensor, code: Tensor) -> Tensor:
-        x, skips = self.split(features)
+        x, skips, pointwise = self.split(features)
         for block in self.res_blocks:
             x = block(x, code)
         for i, block in enumerate(self.up_blocks):
             x = block(x, code)
             if skips:
                 x = self.skip_blocks[i](torch.cat([x, skips[i]], dim=1), code)
-        return torch.tanh(self.final(x, code))
+        out = self.final(x, code)
+        if self.pointwise is not None:
+            out = out + self.pointwise[1](self.pointwise[0](pointwise, code), code)
+        return torch.tanh(out)
 
 
 class Seq2SeqNet(nn.Module):
@@ -304,8 +354,7 @@ class Seq2SeqNet(nn.Module):
                                                        x.shape[0]))
         x = self._pad(x)
         code = self._source_code(source, x.shape[0])
-        bottleneck, skips = self.encoder.forward_with_skips(x * 2.0 - 1.0, code)
-        return self.decoder.pack(bottleneck, skips) if self.skip_connections else bottleneck
+        return self.decoder.pack(*self.encoder.encode(x * 2.0 - 1.0, code))
 
     def _pad(self, x: Tensor) -> Tensor:
         """Pad the trailing spatial dims with 0 up to multiples of the down-sampling factor."""
@@ -351,8 +400,7 @@ class Seq2SeqNet(nn.Module):
         scaled = torch.where(m > 0, images * 2.0 - 1.0, torch.zeros((), dtype=images.dtype,
                                                                     device=images.device)).flatten(1, 2)
         planes = (m[:, :, 0] * 2.0 - 1.0).expand((b, n) + tuple(images.shape[3:]))
-        bottleneck, skips = self.encoder.forward_with_skips(torch.cat([scaled, planes], 1))
-        return self.decoder.pack(bottleneck, skips) if self.skip_connections else bottleneck
+        return self.decoder.pack(*self.encoder.encode(torch.cat([scaled, planes], 1)))
 
     def encode_sources(self, sources: Mapping[int, Tensor]) -> Tensor:
         """One encoding from several sources {sequence index: (B, k, *S)}: the joint encoding with
@@ -488,6 +536,8 @@ def estimate_feature_map_voxels(patch_size: Sequence[int], network: Mapping[str,
         if cfg["skip_connections"]:   # concatenation + padded copy + conv + norm of the skip merge
             total += 2 * chans[i - 1] * vox(i - 1) + (2 * chans[i - 1] * vox(i - 1, r) if reflect else 0)
             total += 2 * chans[i - 1] * vox(i - 1)
+    # pointwise path: three 1x1 conv + activation pairs, the 1x1 output head and the sum with the final conv
+    total += 2 * 3 * cfg["pointwise_width"] * vox(0) + (2 * in_channels * vox(0) if cfg["pointwise_width"] else 0)
     total += (chans[0] * vox(0, kernels[0] // 2) if reflect else 0) + 2 * in_channels * vox(0)  # final conv + tanh
     return int(total)
 

@@ -94,13 +94,13 @@ class VQSeq2SeqNet(Seq2SeqNet):
     def __init__(self, num_sequences: int, in_channels: int, spatial_dims: int, network: Mapping[str, Any],
                  vq: Optional[Mapping[str, Any]] = None) -> None:
         # the quantised common latent space must be the only way from a source to the decoder: skip connections
-        # would bypass the codebook and eq. 7's consistency, so the plans' skip setting does not apply here
+        # (and the pointwise intensity path) would bypass the codebook and eq. 7's consistency, so the plans' skip setting does not apply here
         # (nor is its encoder told which sequence it reads, nor does it read several at once: z_q must be a
         # property of the anatomy, one per sequence, for the common latent space of eq. 4-5)
         vq = dict(vq or {})
         super().__init__(num_sequences, in_channels, spatial_dims,
                          {**vq_network(network, vq.get("downsampling_levels")), "skip_connections": False,
-                          "source_conditioning": False, "joint_input": False})
+                          "source_conditioning": False, "joint_input": False, "pointwise_width": 0})
         self.vqc_variance = str(vq.get("vqc_variance", VQC_DEFAULT_VARIANCE))
         if self.vqc_variance not in VQC_VARIANCE_CHOICES:
             raise PlansError(f"vq.vqc_variance must be one of {VQC_VARIANCE_CHOICES}, got {self.vqc_variance!r}")

@@ -44,6 +44,11 @@ ENCODER_CHANNELS = {("cpu", 2): [16, 32, 64], ("cpu", 3): [8, 16, 32],
 #: against 19.33 with 6 + 6; 10 minutes, 1 thread: 6 + 6 17.44, 2 + 2 18.58 (batch 7, as planned) / 18.85
 #: (batch 4), 1 + 1 18.44, 2 + 2 at 24/48/96 channels 17.71
 RES_BLOCKS = {"cpu": 2, "cuda": 6}
+#: channels of the Seq2Seq pointwise intensity path (networks/seq2seq.py; 1x1 convolutions, 17-20 % of a CPU
+#: step). Demo (documentation/benchmarks.md): 20 minutes 20.79 dB / 0.916 SSIM against 20.32 / 0.883 without it;
+#: 10 minutes on 1 thread, 32 channels beat 16 on validation slices (18.32 vs 17.73 dB; off 17.54) and on the
+#: affine-calibrated test score (21.79 vs 21.21; off 20.33)
+POINTWISE_WIDTH = 32
 MAX_PATCH_EDGE = {("cpu", 2): 128, ("cpu", 3): 96, ("cuda", 2): 256, ("cuda", 3): 160}
 MAX_BATCH_SIZE = {("cpu", 2): 8, ("cpu", 3): 2, ("cuda", 2): 16, ("cuda", 3): 4}
 MIN_BATCH_SIZE = 2
@@ -122,15 +127,20 @@ def default_memory_gb(device: str) -> float:
 # --- cost model of the Seq2Seq network --------------------------------------------------------------------
 
 def _convs(channels: Sequence[int], kernels: Sequence[int], n_res: int, n_hyper: int, k_in: int,
-           spatial_dims: int, skips: bool = False, enc_in: Optional[int] = None) -> List[Tuple[int, int, int, int]]:
+           spatial_dims: int, skips: bool = False, enc_in: Optional[int] = None,
+           pointwise: int = 0) -> List[Tuple[int, int, int, int]]:
     """(level, kernel volume, c_in, c_out) of every convolution of encoder + HyperConv decoder; ``enc_in`` is
-    the encoder's input channels when they differ from the k_in output channels (joint input)."""
+    the encoder's input channels when they differ from the k_in output channels (joint input); ``pointwise`` the
+    width of the voxelwise intensity path (networks/seq2seq.py)."""
     c0, c1, c2 = channels
     kv = [int(k) ** spatial_dims for k in kernels]
     k3 = 3 ** spatial_dims
     convs = [(0, kv[0], enc_in or k_in, c0), (1, kv[1], c0, c1), (2, kv[2], c1, c2)]
     convs += [(2, k3, c2, c2)] * (2 * (n_res + n_hyper))
     convs += [(1, k3, c2, c1), (0, k3, c1, c0), (0, kv[0], c0, k_in)]
+    if pointwise:   # two 1x1 convs in the encoder, a 1x1 HyperConv and the 1x1 output head in the decoder
+        convs += [(0, 1, enc_in or k_in, pointwise), (0, 1, pointwise, pointwise), (0, 1, pointwise, pointwise),
+                  (0, 1, pointwise, k_in)]
     if skips:   # the merge HyperConv after each up-sampling (concatenated skip map in)
         convs += [(1, k3, 2 * c1, c1), (0, k3, 2 * c0, c0)]
     return convs
@@ -149,7 +159,8 @@ def iteration_cost(patch: Sequence[int], net: Dict[str, Any], k_in: int = 1,
     for level, kvol, cin, cout in _convs(net["encoder_channels"], net["encoder_kernel_sizes"],
                                          net["num_res_blocks"], net["num_hyper_res_blocks"], k_in, dims,
                                          bool(net.get("skip_connections", False)),
-                                         num_sequences * (k_in + 1) if net.get("joint_input") else k_in):
+                                         num_sequences * (k_in + 1) if net.get("joint_input") else k_in,
+                                         int(net.get("pointwise_width") or 0)):
         v = vox / (2 ** dims) ** level
         flops += kvol * cin * cout * v
         acts += 3 * cout * v
@@ -233,12 +244,13 @@ class DefaultPlanner:
     # -- network ---------------------------------------------------------------------------------------------
     def network(self, spatial_dims: int) -> Dict[str, Any]:
         blocks = RES_BLOCKS[self.device]
-        return {"encoder_channels": list(ENCODER_CHANNELS[(self.device, spatial_dims)]),
+        channels = list(ENCODER_CHANNELS[(self.device, spatial_dims)])
+        return {"encoder_channels": channels,
                 "encoder_kernel_sizes": [7, 3, 3], "num_res_blocks": blocks, "num_hyper_res_blocks": blocks,
                 "hyper_bank_size": 16, "code_length": self.code_length(),
                 "hyper_mlp_hidden": 64, "norm": "instance", "negative_slope": 0.2, "padding_mode": "reflect",
                 "upsample_mode": "nearest", "res_kernel_size": 3, "skip_connections": True,
-                "source_conditioning": False, "joint_input": True}
+                "source_conditioning": False, "joint_input": True, "pointwise_width": POINTWISE_WIDTH}
 
     def normalization(self) -> Dict[str, Any]:
         """``median_anchor`` with per-sequence ratios from the fingerprint (preprocessing/normalization.py); a
