@@ -207,8 +207,7 @@ class HyperDecoder(nn.Module):
             HyperConv(self.pointwise_width, out_channels, 1, cfg["code_length"], spatial_dims=spatial_dims,
                       bank_size=cfg["hyper_bank_size"], mlp_hidden=cfg["hyper_mlp_hidden"],
                       init_gain=FINAL_LAYER_INIT_GAIN)]) if self.pointwise_width else None
-        self.final = HyperConv(chans[0], out_channels, kernels[0], cfg["code_length"],
-                               spatial_dims=spatial_dims,
+        self.final = HyperConv(chans[0], out_channels, kernels[0], cfg["code_length"], spatial_dims=spatial_dims,
                                padding_mode=cfg["padding_mode"], bank_size=cfg["hyper_bank_size"],
                                mlp_hidden=cfg["hyper_mlp_hidden"], init_gain=FINAL_LAYER_INIT_GAIN)
         self.skip_connections = bool(cfg["skip_connections"])

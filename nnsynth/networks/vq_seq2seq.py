@@ -94,7 +94,8 @@ class VQSeq2SeqNet(Seq2SeqNet):
     def __init__(self, num_sequences: int, in_channels: int, spatial_dims: int, network: Mapping[str, Any],
                  vq: Optional[Mapping[str, Any]] = None) -> None:
         # the quantised common latent space must be the only way from a source to the decoder: skip connections
-        # (and the pointwise intensity path) would bypass the codebook and eq. 7's consistency, so the plans' skip setting does not apply here
+        # and the pointwise intensity path would bypass the codebook and eq. 7's consistency, so the plans'
+        # settings for them do not apply here
         # (nor is its encoder told which sequence it reads, nor does it read several at once: z_q must be a
         # property of the anatomy, one per sequence, for the common latent space of eq. 4-5)
         vq = dict(vq or {})
