@@ -218,7 +218,7 @@ class HyperDecoder(nn.Module):
         self.skip_blocks = nn.ModuleList(
             HyperConvNormAct(spatial_dims, 2 * c, c, cfg["res_kernel_size"], **hyper, **common)
             for c, _ in (self.skip_layout if self.skip_connections else []))
-        self.divisor = 2 ** (len(chans) - 1)
+        self.divisor = downsample_factor(cfg)
         self.in_channels = (chans[-1] + (sum(c * f ** spatial_dims for c, f in self.skip_layout)
                                          if self.skip_connections else 0)
                             + self.pointwise_width * self.divisor ** spatial_dims)
