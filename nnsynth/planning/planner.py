@@ -244,8 +244,7 @@ class DefaultPlanner:
     # -- network ---------------------------------------------------------------------------------------------
     def network(self, spatial_dims: int) -> Dict[str, Any]:
         blocks = RES_BLOCKS[self.device]
-        channels = list(ENCODER_CHANNELS[(self.device, spatial_dims)])
-        return {"encoder_channels": channels,
+        return {"encoder_channels": list(ENCODER_CHANNELS[(self.device, spatial_dims)]),
                 "encoder_kernel_sizes": [7, 3, 3], "num_res_blocks": blocks, "num_hyper_res_blocks": blocks,
                 "hyper_bank_size": 16, "code_length": self.code_length(),
                 "hyper_mlp_hidden": 64, "norm": "instance", "negative_slope": 0.2, "padding_mode": "reflect",
