@@ -129,3 +129,27 @@ def test_tiny_map_reflect_falls_back():
     hc = HyperConv(1, 1, 7, code_length=2)
     y = hc(torch.randn(2, 1, 2, 2), torch.eye(2))
     assert y.shape == (2, 1, 2, 2)
+
+
+@pytest.mark.parametrize("spatial_dims,out_channels,groups,stride", [(2, 3, 1, 1), (2, 6, 2, 2), (3, 1, 1, 1)])
+def test_cpu_channel_padding_is_exact(monkeypatch, spatial_dims, out_channels, groups, stride):
+    """The CPU path pads each group's outputs to a multiple of 8 (oneDNN's fast grouped kernels); outputs and
+    every gradient equal the unpadded grouped convolution's."""
+    from nnsynth.networks import hyperconv as hc_mod
+    torch.manual_seed(0)
+    hc = HyperConv(4, out_channels, 3, code_length=5, spatial_dims=spatial_dims, stride=stride, groups=groups)
+    x = torch.randn(3, 4, *(7,) * spatial_dims)
+    code = F.one_hot(torch.tensor([0, 3, 4]), 5).float()
+    assert hc._padded_group_channels(x) == 8
+
+    def run(multiple):
+        monkeypatch.setattr(hc_mod, "CPU_GROUP_CHANNEL_MULTIPLE", multiple)
+        hc.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = hc(xi, code)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        return y.detach(), xi.grad, hc.weight_bank.grad.clone(), hc.bias_bank.grad.clone(), hc.mlp[0].weight.grad.clone()
+
+    for a, b in zip(run(8), run(1)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert HyperConv(4, 3, 1, code_length=5)._padded_group_channels(x[:, :, 0] if spatial_dims == 3 else x) == 3

@@ -25,6 +25,10 @@ HYPERCONV_DEFAULT_BANK_SIZE = 16      # c_w in the paper's code
 HYPERCONV_DEFAULT_MLP_HIDDEN = 64     # paper code: Linear(code_length, 64) + LeakyReLU first
 HYPERCONV_MLP_NEGATIVE_SLOPE = 0.2
 HYPERCONV_INIT_NEGATIVE_SLOPE = 0.2   # kaiming gain of the mixed kernel (decoder uses LeakyReLU(0.2))
+#: on CPU the grouped convolution's output channels per group are zero-padded to a multiple of this for kernels
+#: larger than 1 voxel: oneDNN's grouped kernels are 4-5x slower forward+backward otherwise (the decoder's final
+#: 7x7 HyperConv with 3 outputs per sample took 114 of 430 ms per training step; documentation/benchmarks.md)
+CPU_GROUP_CHANNEL_MULTIPLE = 8
 # -----------------------------------------------------------------------------------------------------
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -200,7 +204,25 @@ class HyperConv(nn.Module):
                               self.dilation, self.groups)
         # fold the batch into channels: sample b only sees its own kernel through groups = B * groups
         folded = x.reshape(1, batch * self.in_channels, *x.shape[2:])
-        y = self._conv(folded, weight.reshape(batch * self.out_channels, *weight.shape[2:]),
+        out_per_group = self.out_channels // self.groups
+        padded = self._padded_group_channels(x)
+        if padded != out_per_group:
+            # exact: the extra output channels have zero kernels and biases and are dropped again below
+            weight = weight.reshape(batch, self.groups, out_per_group, *weight.shape[2:])
+            weight = F.pad(weight, (0, 0) * (weight.dim() - 3) + (0, padded - out_per_group))
+            if bias is not None:
+                bias = F.pad(bias.reshape(batch, self.groups, out_per_group), (0, padded - out_per_group))
+        y = self._conv(folded, weight.reshape(batch * self.groups * padded, *weight.shape[-self.spatial_dims - 1:]),
                        None if bias is None else bias.reshape(-1), self.stride, conv_padding,
                        self.dilation, batch * self.groups)
-        return y.reshape(batch, self.out_channels, *y.shape[2:])
+        spatial = y.shape[2:]
+        if padded != out_per_group:
+            y = y.reshape(batch, self.groups, padded, *spatial)[:, :, :out_per_group]
+        return y.reshape(batch, self.out_channels, *spatial)
+
+    def _padded_group_channels(self, x: Tensor) -> int:
+        """Output channels per group the grouped convolution runs with (see ``CPU_GROUP_CHANNEL_MULTIPLE``)."""
+        out_per_group = self.out_channels // self.groups
+        if x.device.type != "cpu" or math.prod(self.kernel_size) == 1:
+            return out_per_group
+        return -(-out_per_group // CPU_GROUP_CHANNEL_MULTIPLE) * CPU_GROUP_CHANNEL_MULTIPLE
