@@ -85,7 +85,7 @@ def test_synthesis_defaults_beyond_the_paper():
         assert c["network"]["skip_connections"] is True and c["network"]["joint_input"] is True
         assert c["network"]["source_conditioning"] is False
         assert c["loss"]["seq2seq"]["intensity_balance"] == c["loss"]["tsf_seq2seq"]["intensity_balance"] == 0.5
-        assert c["training"]["per_trainer"]["seq2seq"]["lr"] == 1e-3          # CPU plans; GPU: the paper's 2e-4
+        assert c["training"]["per_trainer"]["seq2seq"]["lr"] == 2e-3          # CPU plans; GPU: the paper's 2e-4
         assert c["training"]["per_trainer"]["seq2seq"]["all_sources_fraction"] == 0.5   # the prediction task
     assert plan(device="cuda")["configurations"]["2d"]["training"]["per_trainer"]["seq2seq"]["lr"] == 2e-4
 
