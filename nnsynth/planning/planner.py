@@ -80,9 +80,9 @@ NUM_ADJACENT_SLICES = 3
 # plain L1): 0.5 weighs each voxel by 1/sqrt(share of its intensity bin), so lesions are not averaged away
 INTENSITY_BALANCE = 0.5
 # seq2seq learning rate of CPU plans (GPU plans: the paper's 2e-4): short runs of the 4x narrower CPU network
-# learn faster with it (documentation/benchmarks.md, demo, 20 minutes: 2e-3 against 1e-3 over two and four runs:
-# validation slices of all directions 21.4-21.6 dB against 20.3-20.5, full-volume validation 18.79 against 18.46,
-# test Flair 21.13 against 20.95; earlier, 1e-3 19.33 dB / 0.865 SSIM, 5e-4 19.25 / 0.836, 2e-4 18.51 / 0.812)
+# learn faster with it (documentation/benchmarks.md, demo, 20 minutes: 2e-3 against 1e-3 over three and four runs:
+# validation slices of all directions 20.9-21.6 dB against 20.3-20.5, full-volume validation 18.69 against 18.46,
+# test Flair 21.16 against 20.95; earlier, 1e-3 19.33 dB / 0.865 SSIM, 5e-4 19.25 / 0.836, 2e-4 18.51 / 0.812)
 SEQ2SEQ_CPU_LR = 2e-3
 # seq2seq multi-source training: share of the non-self tasks whose sources are ALL other available sequences (the
 # task nnsynth_predict runs when it imputes from everything a case has); the rest draw a random subset
