@@ -131,6 +131,11 @@ def test_cpu_plan_is_smaller_than_gpu_plan_and_within_time_budget():
         # the voxelwise intensity path of the Seq2Seq backbone, on both (networks/seq2seq.py)
         assert c["network"]["pointwise_width"] == g["network"]["pointwise_width"] == POINTWISE_WIDTH > 0
         assert c["training"]["amp"] is False
+        # CPU runs are time-budgeted: a 20-minute --max-minutes run must not hit the epoch ceiling on a fast
+        # 2-core machine (~90 epochs of 100 iterations); warm-up is one CPU epoch, the GPU keeps nnU-Net's scale
+        assert (c["training"]["num_epochs"], c["training"]["iters_per_epoch"]) == (250, 100)
+        assert (g["training"]["num_epochs"], g["training"]["iters_per_epoch"]) == (1000, 250)
+        assert (c["training"]["warmup_iters"], g["training"]["warmup_iters"]) == (100, 1000)
     c = cpu["configurations"]["2d"]
     ref = dict(c["network"], **{k: CPU_REFERENCE[k] for k in ("encoder_channels", "num_res_blocks",
                                                               "num_hyper_res_blocks")})

@@ -88,6 +88,13 @@ SEQ2SEQ_CPU_LR = 2e-3
 # task nnsynth_predict runs when it imputes from everything a case has); the rest draw a random subset
 # (trainers/seq2seq.py). Demo, 10 minutes: SSIM +0.016 at 5e-4 and PSNR +0.68 dB at 1e-3 against 0
 SEQ2SEQ_ALL_SOURCES_FRACTION = 0.5
+# epochs x iterations per epoch, and warm-up iterations. CPU runs are time-budgeted (--max-minutes fits the
+# schedule to the budget, never beyond num_epochs), so the CPU count is a ceiling a budget should not hit: 50 was
+# hit after 11 of 20 minutes on a 2-core machine that runs an epoch in 12.5 s, and using the other 9 minutes
+# (89-92 epochs) gained 0.47 and 0.64 dB in two runs (documentation/benchmarks.md, tenth session). Warm-up
+# stays one CPU epoch.
+EPOCHS = {"cpu": (250, 100), "cuda": (1000, 250)}
+WARMUP_ITERS = {"cpu": 100, "cuda": 1000}
 
 TRAINERS = ("seq2seq", "vq_seq2seq", "tsf_seq2seq", "codebrain", "seg_from_latent")
 
@@ -357,8 +364,7 @@ class DefaultPlanner:
     # -- schedules, losses, augmentation ------------------------------------------------------------------
     def training(self) -> Dict[str, Any]:
         gpu = self.device == "cuda"
-        epochs, iters = (1000, 250) if gpu else (50, 100)
-        total = epochs * iters
+        epochs, iters = EPOCHS[self.device]
         per_trainer = {
             "seq2seq": {"optimizer": "adam", "lr": 2e-4 if gpu else SEQ2SEQ_CPU_LR, "weight_decay": 0.0,
                         "betas": [0.9, 0.999], "schedule": "poly", "multi_source": True,
@@ -373,7 +379,7 @@ class DefaultPlanner:
                                 "schedule": "poly"},
         }
         return {"optimizer": "adam", "lr": 2e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "schedule": "poly",
-                "poly_exponent": 0.9, "min_lr": 0.0, "warmup_iters": int(min(1000, 0.02 * total)),
+                "poly_exponent": 0.9, "min_lr": 0.0, "warmup_iters": WARMUP_ITERS[self.device],
                 "num_epochs": epochs, "iters_per_epoch": iters, "val_iters": 50 if gpu else 10,
                 "grad_clip": 12.0, "amp": gpu, "compile": False, "num_workers": default_num_workers(),
                 "per_trainer": per_trainer}
