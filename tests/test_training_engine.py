@@ -298,3 +298,19 @@ def test_time_budget_fit_shrinks_then_grows_back_within_the_plan(tmp_path):
     t._run_start, t.epoch, t.logs["epoch_time"] = now - 4.0, 2, [2.0, 2.0]     # plenty of time: the plan's 6
     t._fit_schedule_to_time_budget()
     assert t.num_epochs == 6
+
+
+def test_a_budget_that_outlasts_the_planned_epochs_says_so(tmp_path, caplog):
+    """--max-minutes never trains past num_epochs; when the epochs end first with minutes left, the log says
+    how to raise the ceiling; with less than a minute of the budget left it stays quiet."""
+    pre = make_preprocessed(tmp_path / "pre", n_cases=5)
+    t = _no_final_validation(make_trainer(pre, tmp_path / "out", num_epochs=1, iters_per_epoch=1, max_minutes=30.0))
+    with caplog.at_level(logging.INFO, logger="nnsynth.training.engine"):
+        t.run_training()
+    assert t.epoch == 1
+    assert any("All 1 planned epochs done" in r.getMessage() and "--epochs" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    t = _no_final_validation(make_trainer(pre, tmp_path / "out2", num_epochs=1, iters_per_epoch=1, max_minutes=0.5))
+    with caplog.at_level(logging.INFO, logger="nnsynth.training.engine"):
+        t.run_training()
+    assert not any("planned epochs done" in r.getMessage() for r in caplog.records)

@@ -47,6 +47,7 @@ VALIDATION_SEED = 4242         # the fixed validation patches are drawn from thi
 PREVIEW_EVERY_EPOCHS = 5       # validation preview PNGs in the fold folder every this many epochs
 PREVIEW_ROWS = 4
 FULL_VOLUME_SLICE_BATCH = 8    # slices per forward pass in the full-volume validation
+UNUSED_BUDGET_NOTE_S = 60.0    # a --max-minutes run that ends its planned epochs this much early says so
 
 
 class TrainingEngine:
@@ -248,6 +249,8 @@ class TrainingEngine:
                         break
                     self._end_epoch()
                     self.on_epoch_end(self.epoch - 1)
+                else:
+                    self._note_unused_budget()
             except KeyboardInterrupt:
                 self._save_interrupted()
                 raise
@@ -257,6 +260,16 @@ class TrainingEngine:
             self.final_validation()
         finally:
             self._stop_file_logging()
+
+    def _note_unused_budget(self) -> None:
+        """Say so when the planned epochs, not ``--max-minutes``, ended a run: on a fast machine the ceiling can
+        come first, and a user who asked for M minutes should know how to use the rest."""
+        if self.max_minutes is None or not self.is_main:
+            return
+        left = 60.0 * float(self.max_minutes) - (time.time() - self._run_start)
+        if left >= UNUSED_BUDGET_NOTE_S:
+            logger.info("All %d planned epochs done with %.1f of --max-minutes %s left; --epochs (or the plans' "
+                        "training.num_epochs) sets a higher ceiling", self.num_epochs, left / 60.0, self.max_minutes)
 
     def _time_left(self) -> bool:
         return self.max_minutes is None or (time.time() - self._run_start) < 60.0 * float(self.max_minutes)
