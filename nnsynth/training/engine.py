@@ -266,13 +266,19 @@ class TrainingEngine:
         come first, and a user who asked for M minutes should know how to use the rest."""
         if self.max_minutes is None or not self.is_main:
             return
-        left = 60.0 * float(self.max_minutes) - (time.time() - self._run_start)
+        left = self._budget_seconds_left()
         if left >= UNUSED_BUDGET_NOTE_S:
             logger.info("All %d planned epochs done with %.1f of --max-minutes %s left; --epochs (or the plans' "
                         "training.num_epochs) sets a higher ceiling", self.num_epochs, left / 60.0, self.max_minutes)
 
+    def _budget_seconds_left(self) -> float:
+        """Seconds of ``--max-minutes`` left in this run (infinite without a budget)."""
+        if self.max_minutes is None:
+            return math.inf
+        return 60.0 * float(self.max_minutes) - (time.time() - self._run_start)
+
     def _time_left(self) -> bool:
-        return self.max_minutes is None or (time.time() - self._run_start) < 60.0 * float(self.max_minutes)
+        return self._budget_seconds_left() > 0
 
     def _train_epoch(self) -> bool:
         """One epoch (or its remainder after a resume); False when the time budget ran out mid-way."""
