@@ -69,6 +69,11 @@ def test_seq2seq_loss_weights_from_plans():
     assert (default.lambda_l1, default.lambda_perceptual) == (10.0, 0.01)
     total, terms = Seq2SeqLoss.from_config({"lambda_r": 2.0}).forward_with_terms(pred, tgt)
     assert terms["perceptual"] == 0.0 and abs(terms["loss"] - 2.0 * terms["l1"]) < 1e-6
+    assert default.lambda_ssim == 0.0 and "ssim" not in default.terms(pred, tgt)      # eq. 1: no SSIM term
+    structural = Seq2SeqLoss.from_config({"seq2seq": {"lambda_l1": 4.0, "lambda_ssim": 2.0}})
+    torch.testing.assert_close(structural(pred, tgt), 4.0 * (pred - tgt).abs().mean() + 2.0 * (1 - ssim(pred, tgt)))
+    with pytest.raises(NnsynthError, match="lambda_ssim"):
+        Seq2SeqLoss.from_config({"lambda_ssim": -1})
 
 
 def test_intensity_balance_weights_by_hand():

@@ -51,8 +51,9 @@ def test_paper_anchor_values_on_gpu_scale():
     assert c["fsq"]["levels"] == [5] * 7
     assert c["network"]["encoder_channels"] == [64, 128, 256]
     assert c["num_adjacent_slices"] == 3 and c["training"]["amp"] is True
-    assert c["loss"]["seq2seq"] == {"lambda_l1": 10.0, "lambda_perceptual": 0.01, "lambda_adv": 0.0,
-                                    "lambda_cycle": 0.0, "intensity_balance": 0.5}   # 0.5: not in the paper
+    assert c["loss"]["seq2seq"] == {"lambda_l1": 10.0, "lambda_perceptual": 0.01, "lambda_ssim": 0.0,
+                                    "lambda_adv": 0.0, "lambda_cycle": 0.0,
+                                    "intensity_balance": 0.5}   # 0.5: not in the paper
     assert c["vq"]["beta"] == 0.25 and c["loss"]["vq_seq2seq"]["tau"] == 0.07
 
 

@@ -1,4 +1,5 @@
-"""Reconstruction losses: masked L1 and the Seq2Seq eq. 1 combination ``lambda_r * L1 + lambda_p * perceptual``."""
+"""Reconstruction losses: masked L1 and the Seq2Seq eq. 1 combination ``lambda_r * L1 + lambda_p * perceptual``,
+optionally with VQ-Seq2Seq's eq. 6 structural term ``lambda_ssim * (1 - SSIM)``."""
 from __future__ import annotations
 
 import logging
@@ -9,12 +10,14 @@ from torch import Tensor, nn
 
 from nnsynth.exceptions import PlansError
 from nnsynth.losses.perceptual import PerceptualLoss
+from nnsynth.losses.ssim import ssim
 
 logger = logging.getLogger(__name__)
 
 # --- module constants (listed in the hand-over; candidates for nnsynth/constants.py) ---------------
 SEQ2SEQ_LAMBDA_L1 = 10.0           # paper eq. 1, lambda_r
 SEQ2SEQ_LAMBDA_PERCEPTUAL = 0.01   # paper eq. 1, lambda_p
+SEQ2SEQ_LAMBDA_SSIM = 0.0          # not in eq. 1 (0: the paper's loss); VQ-Seq2Seq eq. 6 uses 1 beside L1's 10
 INTENSITY_BALANCE_BINS = 20        # histogram bins over [0, 1] for intensity-balanced L1
 INTENSITY_BALANCE_MAX_WEIGHT = 10.0  # cap on one voxel's weight (relative to the sample's mean weight 1)
 # -----------------------------------------------------------------------------------------------------
@@ -62,7 +65,8 @@ def _weights_from_config(loss: Optional[Mapping[str, Any]], trainer: str) -> Dic
         cfg = cfg[trainer]
     out = {}
     for key, aliases, default in (("lambda_l1", ("lambda_r", "lambda_rec"), SEQ2SEQ_LAMBDA_L1),
-                                  ("lambda_perceptual", ("lambda_p",), SEQ2SEQ_LAMBDA_PERCEPTUAL)):
+                                  ("lambda_perceptual", ("lambda_p",), SEQ2SEQ_LAMBDA_PERCEPTUAL),
+                                  ("lambda_ssim", (), SEQ2SEQ_LAMBDA_SSIM)):
         value = cfg.get(key)
         for alias in aliases:
             if value is None:
@@ -91,16 +95,19 @@ def intensity_balance_from_config(cfg: Mapping[str, Any]) -> float:
 
 
 class Seq2SeqLoss(nn.Module):
-    """Eq. 1 for one (source, target) pair: ``lambda_l1 * L1 + lambda_perceptual * LPIPS``.
+    """Eq. 1 for one (source, target) pair: ``lambda_l1 * L1 + lambda_perceptual * LPIPS``, plus
+    ``lambda_ssim * (1 - SSIM)`` when that weight is above 0 (SSIM over each output channel, Gaussian window).
 
     The perceptual term is skipped (and reported as 0) when ``perceptual`` is None, unavailable (no local
     weights) or its weight is 0. Sum over ordered pairs is the trainer's job (one pair per sample)."""
 
     def __init__(self, lambda_l1: float = SEQ2SEQ_LAMBDA_L1, lambda_perceptual: float = SEQ2SEQ_LAMBDA_PERCEPTUAL,
-                 perceptual: Optional[PerceptualLoss] = None, intensity_balance: float = 0.0) -> None:
+                 perceptual: Optional[PerceptualLoss] = None, intensity_balance: float = 0.0,
+                 lambda_ssim: float = SEQ2SEQ_LAMBDA_SSIM) -> None:
         super().__init__()
         self.lambda_l1 = float(lambda_l1)
         self.lambda_perceptual = float(lambda_perceptual)
+        self.lambda_ssim = float(lambda_ssim)
         self.perceptual = perceptual
         #: exponent of ``intensity_balance_weights`` for the L1 term when no mask is given (0: plain L1)
         self.intensity_balance = float(intensity_balance)
@@ -116,7 +123,8 @@ class Seq2SeqLoss(nn.Module):
         return self.perceptual is not None and self.perceptual.available and self.lambda_perceptual > 0
 
     def terms(self, pred: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Dict[str, Tensor]:
-        """Total ('loss') and unweighted terms ('l1', 'perceptual') as tensors (no device sync)."""
+        """Total ('loss') and unweighted terms ('l1', 'perceptual', 'ssim' = 1 - SSIM when on) as tensors (no
+        device sync)."""
         if mask is None and self.intensity_balance > 0:
             mask = intensity_balance_weights(target, self.intensity_balance)
         l1 = masked_l1(pred, target, mask)
@@ -125,7 +133,11 @@ class Seq2SeqLoss(nn.Module):
         if self.uses_perceptual:
             p = self.perceptual(pred, target)
             total = total + self.lambda_perceptual * p
-        return {"loss": total, "l1": l1, "perceptual": p}
+        out = {"loss": total, "l1": l1, "perceptual": p}
+        if self.lambda_ssim > 0:
+            out["ssim"] = 1.0 - ssim(pred, target)
+            out["loss"] = total + self.lambda_ssim * out["ssim"]
+        return out
 
     def forward_with_terms(self, pred: Tensor, target: Tensor,
                            mask: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, float]]:
@@ -137,4 +149,5 @@ class Seq2SeqLoss(nn.Module):
         return self.terms(pred, target, mask)["loss"]
 
 
-__all__ = ["masked_l1", "intensity_balance_weights", "intensity_balance_from_config", "Seq2SeqLoss", "SEQ2SEQ_LAMBDA_L1", "SEQ2SEQ_LAMBDA_PERCEPTUAL"]
+__all__ = ["masked_l1", "intensity_balance_weights", "intensity_balance_from_config", "Seq2SeqLoss", "SEQ2SEQ_LAMBDA_L1", "SEQ2SEQ_LAMBDA_PERCEPTUAL",
+           "SEQ2SEQ_LAMBDA_SSIM"]
