@@ -187,29 +187,30 @@ def test_vq_cli_runs_and_resumes(nnsynth_folders):
 
 
 def test_term_switches_scale_when_the_time_budget_shortens_the_run(vq_run, caplog):
-    """--max-minutes shrinking 50 planned epochs to 10 must move the contrastive/VQC/augmentation starts to the
-    same fraction of training (else a short run never reaches them)."""
+    """--max-minutes shrinking 100 planned epochs to 20 must move the contrastive/VQC/augmentation starts to the
+    same fraction of training (else a short run never reaches them); runs cut below 20 epochs keep them off."""
     import logging
     _, _, pre, out = vq_run
-    plans = _plans(epochs=50)
+    plans = _plans(epochs=100)
     plans["configurations"]["2d"]["loss"]["vq_seq2seq"].update(
-        {"contrastive_start_epoch": 5, "vqc_start_epoch": 10, "augmentation_start_epoch": 10})
+        {"contrastive_start_epoch": 10, "vqc_start_epoch": 20, "augmentation_start_epoch": 20})
     trainer = VQSeq2SeqTrainer(plans, "2d", 0, pre, out.parent / "scaled", "cpu")
-    assert [trainer.start_epoch(k) for k in ("contrastive_start_epoch", "vqc_start_epoch")] == [5, 10]
-    trainer.num_epochs = 10            # what _fit_schedule_to_time_budget does
+    assert [trainer.start_epoch(k) for k in ("contrastive_start_epoch", "vqc_start_epoch")] == [10, 20]
+    trainer.num_epochs = 20            # what _fit_schedule_to_time_budget does
     with caplog.at_level(logging.INFO):
         trainer.on_schedule_fitted()
     assert [trainer.start_epoch(k) for k in ("contrastive_start_epoch", "vqc_start_epoch",
-                                             "augmentation_start_epoch")] == [1, 2, 2]
-    assert "contrastive from epoch 1, VQC sampling from epoch 2" in caplog.text
-    trainer.num_epochs = 12            # 5 * 12 / 50 rounds to 1, 10 * 12 / 50 to 2
-    assert [trainer.start_epoch(k) for k in ("contrastive_start_epoch", "vqc_start_epoch")] == [1, 2]
-    trainer.num_epochs = 3             # too short a run: the planned starts stay (the terms stay off)
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        trainer.on_schedule_fitted()
-    assert [trainer.start_epoch(k) for k in ("contrastive_start_epoch", "vqc_start_epoch")] == [5, 10]
-    assert "too few to scale" in caplog.text
+                                             "augmentation_start_epoch")] == [2, 4, 4]
+    assert "contrastive from epoch 2, VQC sampling from epoch 4" in caplog.text
+    trainer.num_epochs = 30            # 10 * 30 / 100 = 3, 20 * 30 / 100 = 6
+    assert [trainer.start_epoch(k) for k in ("contrastive_start_epoch", "vqc_start_epoch")] == [3, 6]
+    for short in (3, 10):              # too short a run: the planned starts stay (the terms stay off)
+        trainer.num_epochs = short
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            trainer.on_schedule_fitted()
+        assert [trainer.start_epoch(k) for k in ("contrastive_start_epoch", "vqc_start_epoch")] == [10, 20]
+        assert "too few to scale" in caplog.text
 
 
 def test_short_run_options_train_end_to_end_and_resume_exactly(tmp_path):
