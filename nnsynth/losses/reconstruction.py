@@ -133,11 +133,11 @@ class Seq2SeqLoss(nn.Module):
         if self.uses_perceptual:
             p = self.perceptual(pred, target)
             total = total + self.lambda_perceptual * p
-        out = {"loss": total, "l1": l1, "perceptual": p}
+        parts = {"l1": l1, "perceptual": p}
         if self.lambda_ssim > 0:
-            out["ssim"] = 1.0 - ssim(pred, target)
-            out["loss"] = total + self.lambda_ssim * out["ssim"]
-        return out
+            parts["ssim"] = 1.0 - ssim(pred, target)
+            total = total + self.lambda_ssim * parts["ssim"]
+        return {"loss": total, **parts}
 
     def forward_with_terms(self, pred: Tensor, target: Tensor,
                            mask: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, float]]:
@@ -149,5 +149,5 @@ class Seq2SeqLoss(nn.Module):
         return self.terms(pred, target, mask)["loss"]
 
 
-__all__ = ["masked_l1", "intensity_balance_weights", "intensity_balance_from_config", "Seq2SeqLoss", "SEQ2SEQ_LAMBDA_L1", "SEQ2SEQ_LAMBDA_PERCEPTUAL",
-           "SEQ2SEQ_LAMBDA_SSIM"]
+__all__ = ["masked_l1", "intensity_balance_weights", "intensity_balance_from_config", "Seq2SeqLoss",
+           "SEQ2SEQ_LAMBDA_L1", "SEQ2SEQ_LAMBDA_PERCEPTUAL", "SEQ2SEQ_LAMBDA_SSIM"]

@@ -79,9 +79,6 @@ NUM_ADJACENT_SLICES = 3
 # exponent of the intensity-balanced L1 of seq2seq / tsf_seq2seq (losses/reconstruction.py; 0 = the paper's
 # plain L1): 0.5 weighs each voxel by 1/sqrt(share of its intensity bin), so lesions are not averaged away
 INTENSITY_BALANCE = 0.5
-# weight of the structural term lambda_ssim * (1 - SSIM) in seq2seq's loss (losses/reconstruction.py; 0 = the
-# paper's eq. 1; VQ-Seq2Seq's eq. 6 puts 1 beside L1's 10)
-SEQ2SEQ_SSIM_WEIGHT = 0.0
 # seq2seq learning rate of CPU plans (GPU plans: the paper's 2e-4): short runs of the 4x narrower CPU network
 # learn faster with it (documentation/benchmarks.md, demo, 20 minutes: 2e-3 against 1e-3 over three and four runs:
 # validation slices of all directions 20.9-21.6 dB against 20.3-20.5, full-volume validation 18.69 against 18.46,
@@ -389,7 +386,7 @@ class DefaultPlanner:
 
     def loss(self, num_epochs: int) -> Dict[str, Any]:
         return {
-            "seq2seq": {"lambda_l1": 10.0, "lambda_perceptual": 0.01, "lambda_ssim": SEQ2SEQ_SSIM_WEIGHT,
+            "seq2seq": {"lambda_l1": 10.0, "lambda_perceptual": 0.01, "lambda_ssim": 0.0,
                         "lambda_adv": 0.0, "lambda_cycle": 0.0,
                         "intensity_balance": INTENSITY_BALANCE},
             "vq_seq2seq": {"lambda_l1": 10.0, "lambda_ssim": 1.0, "lambda_perceptual": 0.1, "lambda_con": 10.0,
