@@ -9,7 +9,8 @@ Examples:
 
 Each configuration runs in a fresh subprocess so that the CPU peak (ru_maxrss) belongs to it alone.
 On CUDA the peak is torch.cuda.max_memory_allocated. Targets are drawn at random per sample (distinct codes,
-the grouped-convolution path), unless --same-code.
+the grouped-convolution path), unless --same-code. --bf16 measures bfloat16 autocast, which nnsynth_train does not
+use on CPU (mixed precision is for CUDA only).
 """
 from __future__ import annotations
 
@@ -65,7 +66,11 @@ def _run_one(cfg: Dict[str, Any], queue) -> None:
         # (the joint encoder costs the same whether one or all of a row's slots are filled)
         source = (target + 1) % cfg["num_sequences"] if needs_source else None
         opt.zero_grad(set_to_none=True)
-        loss = (net(x, target.to(device), None, None if source is None else source.to(device)) - y).abs().mean()
+        # --bf16: bfloat16 autocast of the forward pass (not what nnsynth_train does on CPU: the training engine keeps
+        # mixed precision to CUDA); measures what it would buy on a CPU with bfloat16 instructions
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
+            out = net(x, target.to(device), None, None if source is None else source.to(device))
+        loss = (out.float() - y).abs().mean()
         loss.backward()
         opt.step()
 
@@ -83,7 +88,8 @@ def _run_one(cfg: Dict[str, Any], queue) -> None:
     times.sort()
     median = times[len(times) // 2]
     result = {
-        "name": cfg["name"], "device": str(device), "channels": "/".join(map(str, cfg["encoder_channels"])),
+        "name": cfg["name"] + (" bf16" if cfg["bf16"] else ""), "device": str(device),
+        "channels": "/".join(map(str, cfg["encoder_channels"])),
         "blocks": f"{cfg['num_res_blocks']}+{cfg['num_hyper_res_blocks']}",
         "patch": "x".join(map(str, cfg["patch_size"])), "k": cfg["in_channels"], "batch": b,
         "params_M": count_parameters(net) / 1e6, "s_per_iter": median, "samples_per_s": b / median,
@@ -128,12 +134,14 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--same-code", action="store_true", help="one target for the whole batch (plain conv path)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast of the forward pass (nnsynth_train keeps fp32 on CPU)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
 
     configs: List[Dict[str, Any]] = []
     common = {"device": args.device, "threads": args.threads, "iters": args.iters, "warmup": args.warmup,
-              "same_code": args.same_code, "num_sequences": args.num_sequences}
+              "same_code": args.same_code, "num_sequences": args.num_sequences, "bf16": args.bf16}
     if args.plans:
         configs.append({"name": f"plans:{args.configuration}", **common, **_from_plans(args.plans, args.configuration)})
     for name in args.preset or []:

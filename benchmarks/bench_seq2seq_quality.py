@@ -7,6 +7,13 @@ normalisation schemes; the gain is against the better one).
 Target (issue 4): >= 5 dB PSNR above the baseline after --max-minutes 20 on 2 CPU cores.
 
     python benchmarks/bench_seq2seq_quality.py --work /tmp/nnsynth_bench --max-minutes 20
+
+How quality grows with the number of training subjects, on the same test subjects: generate a larger demo
+(``--demo-cases 48``) and train once on all of it and once on its first 24 training cases (``--train-cases 24``,
+the standard demo's 24); the test cases (indices 48-55) are the same in both runs:
+
+    python benchmarks/bench_seq2seq_quality.py --work W48 --max-minutes 20 --fold all --demo-cases 48
+    python benchmarks/bench_seq2seq_quality.py --work W24 --max-minutes 20 --fold all --demo-cases 48 --train-cases 24
 """
 from __future__ import annotations
 
@@ -25,6 +32,26 @@ from intensity_lookup_baseline import (_channel_ids, calibration_diagnostics, ru
                                        score_predictions)
 
 
+def _training_cases(raw: Path) -> int:
+    return int(json.loads((raw / "dataset.json").read_text())["numTraining"])
+
+
+def _keep_first_training_cases(raw: Path, keep: int) -> None:
+    """Drop every training case after the first ``keep`` (by name) from the benchmark's own generated demo."""
+    if keep < 2:
+        raise SystemExit("--train-cases must be at least 2")
+    _, ending = _channel_ids(raw)
+    cases = sorted({f.name[: -len(ending) - 5] for f in (raw / "imagesTr").glob(f"*{ending}")})
+    if keep > len(cases):
+        raise SystemExit(f"--train-cases {keep}: the demo in {raw} has only {len(cases)} training cases")
+    for case in cases[keep:]:
+        for f in list((raw / "imagesTr").glob(f"{case}_*{ending}")) + [raw / "labelsTr" / f"{case}{ending}"]:
+            f.unlink(missing_ok=True)
+    spec = json.loads((raw / "dataset.json").read_text())
+    spec["numTraining"] = keep
+    (raw / "dataset.json").write_text(json.dumps(spec, indent=2) + "\n")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("/tmp/nnsynth_bench_quality"))
@@ -35,6 +62,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--sources", nargs="+", default=["T1", "T1Gd", "T2"])
     p.add_argument("--target", default="Flair")
     p.add_argument("--fresh", action="store_true", help="delete the work folder first")
+    p.add_argument("--demo-cases", type=int, default=None,
+                   help="training cases of the generated demo (default: the demo's 24); its 8 test cases follow them. "
+                        "Only when the work folder has no dataset yet: use a fresh --work")
+    p.add_argument("--train-cases", type=int, default=None,
+                   help="keep only the first K training cases of the work folder's demo (model and baseline)")
     p.add_argument("--overwrite", nargs="*", default=[], metavar="KEY=VALUE",
                    help="plan overrides passed to nnsynth_plan_and_preprocess (e.g. network.skip_connections=false)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -56,8 +88,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     raw_root = a.work / "raw"
     existing = [d for d in raw_root.glob(f"Dataset{a.dataset_id:03d}_*")] if raw_root.is_dir() else []
     t = time.time()
-    raw = existing[0] if existing else make_demo_dataset(dataset=a.dataset_id, progress=False)
+    demo_kwargs = {} if a.demo_cases is None else {"num_cases": a.demo_cases}
+    if existing and a.demo_cases is not None and a.train_cases is None and _training_cases(existing[0]) != a.demo_cases:
+        sys.stderr.write(f"--demo-cases {a.demo_cases}: {existing[0]} already exists and is used as it is\n")
+    raw = existing[0] if existing else make_demo_dataset(dataset=a.dataset_id, progress=False, **demo_kwargs)
     timings["make_demo_s"] = time.time() - t
+    if a.train_cases is not None:
+        _keep_first_training_cases(raw, a.train_cases)
     t = time.time()
     if plan_cli(["-d", str(a.dataset_id), "-c", "2d", "--device", a.device]
                 + (["--overwrite", *a.overwrite] if a.overwrite else [])) != 0:
@@ -94,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
              for n in ("percentile_clip", "median_anchor")}
     base = max(bases.values(), key=lambda b: b["mean"]["psnr"])
     result = {"dataset": resolve_dataset_name(a.dataset_id), "max_minutes": a.max_minutes, "device": a.device,
-              "overwrite": list(a.overwrite),
+              "overwrite": list(a.overwrite), "training_cases": _training_cases(raw),
               "fold": a.fold, "threads": __import__("torch").get_num_threads(), "test_cases": len(cases),
               "seq2seq": model, "baseline": base["mean"], "baseline_normalization": base["normalization"],
               "baselines": {n: b["mean"] for n, b in bases.items()},
