@@ -33,20 +33,22 @@ from intensity_lookup_baseline import (_channel_ids, calibration_diagnostics, ru
 
 
 def _training_cases(raw: Path) -> int:
-    return int(json.loads((raw / "dataset.json").read_text())["numTraining"])
+    from nnsynth.dataset.dataset_json import load_dataset_spec
+    return load_dataset_spec(raw).num_training
 
 
 def _keep_first_training_cases(raw: Path, keep: int) -> None:
     """Drop every training case after the first ``keep`` (by name) from the benchmark's own generated demo."""
+    from nnsynth.dataset.cases import discover_cases
+    from nnsynth.dataset.dataset_json import load_dataset_spec
     if keep < 2:
         raise SystemExit("--train-cases must be at least 2")
-    _, ending = _channel_ids(raw)
-    cases = sorted({f.name[: -len(ending) - 5] for f in (raw / "imagesTr").glob(f"*{ending}")})
+    cases = list(discover_cases(raw / "imagesTr", load_dataset_spec(raw), raw / "labelsTr").values())
     if keep > len(cases):
         raise SystemExit(f"--train-cases {keep}: the demo in {raw} has only {len(cases)} training cases")
     for case in cases[keep:]:
-        for f in list((raw / "imagesTr").glob(f"{case}_*{ending}")) + [raw / "labelsTr" / f"{case}{ending}"]:
-            f.unlink(missing_ok=True)
+        for f in [*case.images.values(), *([case.label] if case.label else [])]:
+            f.unlink()
     spec = json.loads((raw / "dataset.json").read_text())
     spec["numTraining"] = keep
     (raw / "dataset.json").write_text(json.dumps(spec, indent=2) + "\n")
