@@ -1,6 +1,7 @@
 """Seq2Seq quality on the demo dataset against the voxelwise intensity-lookup baseline.
 
-demo dataset -> nnsynth_plan_and_preprocess (2d) -> nnsynth_train seq2seq all --max-minutes M (CPU by default)
+demo dataset -> nnsynth_plan_and_preprocess (2d, or 3d with ``-c 3d``) -> nnsynth_train seq2seq FOLD
+--max-minutes M (CPU by default)
 -> nnsynth_predict Flair from T1+T1Gd+T2 of the held-out test cases (imagesTs_truth, Flair withheld)
 -> CONTRACT.md section 5 metrics next to ``intensity_lookup_baseline.py`` on the same cases (run with both
 normalisation schemes; the gain is against the better one).
@@ -14,6 +15,8 @@ the standard demo's 24); the test cases (indices 48-55) are the same in both run
 
     python benchmarks/bench_seq2seq_quality.py --work W48 --max-minutes 20 --fold all --demo-cases 48
     python benchmarks/bench_seq2seq_quality.py --work W24 --max-minutes 20 --fold all --demo-cases 48 --train-cases 24
+
+Whether several runs (or views) would help: ``score_prediction_average.py`` scores the mean of their predictions.
 """
 from __future__ import annotations
 
@@ -60,6 +63,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dataset-id", type=int, default=501)
     p.add_argument("--max-minutes", type=float, default=20.0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--configuration", "-c", choices=("2d", "3d"), default="2d",
+                   help="2d (2.5D slice stacks, the CPU default) or 3d patches; planned, trained and predicted alike")
     p.add_argument("--fold", default="0", help="fold 0 keeps the final validation short (5 cases); all = every case")
     p.add_argument("--sources", nargs="+", default=["T1", "T1Gd", "T2"])
     p.add_argument("--target", default="Flair")
@@ -98,12 +103,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.train_cases is not None:
         _keep_first_training_cases(raw, a.train_cases)
     t = time.time()
-    if plan_cli(["-d", str(a.dataset_id), "-c", "2d", "--device", a.device]
+    if plan_cli(["-d", str(a.dataset_id), "-c", a.configuration, "--device", a.device]
                 + (["--overwrite", *a.overwrite] if a.overwrite else [])) != 0:
         return 1
     timings["plan_and_preprocess_s"] = time.time() - t
     t = time.time()
-    if train_cli([str(a.dataset_id), "seq2seq", a.fold, "--device", a.device, "--max-minutes", str(a.max_minutes)]) != 0:
+    if train_cli([str(a.dataset_id), "seq2seq", a.fold, "-c", a.configuration, "--device", a.device,
+                  "--max-minutes", str(a.max_minutes)]) != 0:
         return 1
     timings["train_and_validate_s"] = time.time() - t
 
@@ -121,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 shutil.copyfile(src, inp / src.name)
     t = time.time()
     rc = predict_cli(["-i", str(inp), "-o", str(out), "-t", a.target, "-d", str(a.dataset_id), "-tr", "seq2seq",
-                      "-c", "2d", "-f", a.fold, "--device", a.device, "--no-progress"])
+                      "-c", a.configuration, "-f", a.fold, "--device", a.device, "--no-progress"])
     timings["predict_s"] = time.time() - t
     if rc != 0:
         return 1
@@ -134,7 +140,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     base = max(bases.values(), key=lambda b: b["mean"]["psnr"])
     result = {"dataset": resolve_dataset_name(a.dataset_id), "max_minutes": a.max_minutes, "device": a.device,
               "overwrite": list(a.overwrite), "training_cases": _training_cases(raw),
-              "fold": a.fold, "threads": __import__("torch").get_num_threads(), "test_cases": len(cases),
+              "configuration": a.configuration, "fold": a.fold, "threads": __import__("torch").get_num_threads(),
+              "test_cases": len(cases),
               "seq2seq": model, "baseline": base["mean"], "baseline_normalization": base["normalization"],
               "baselines": {n: b["mean"] for n, b in bases.items()},
               "psnr_gain_db": model["psnr"] - base["mean"]["psnr"], "calibration": diagnostics,
