@@ -13,7 +13,6 @@ its normalised [0, 1] space), which is what makes their mean meaningful.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -23,9 +22,12 @@ import numpy as np
 
 from nnsynth.dataset.io import read_image
 from nnsynth.evaluation.metrics import compute_metrics
+from nnsynth.utils.files import save_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from intensity_lookup_baseline import METRICS  # noqa: E402
 
 logger = logging.getLogger("nnsynth.benchmarks.average")
-METRICS = ("psnr", "ssim", "mae")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 
 
@@ -71,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("%-60s PSNR %.2f dB  SSIM %.3f  MAE %.4f  (%d images)", label, m["psnr"], m["ssim"], m["mae"],
                     len(res["images"]))
     if a.json is not None:
-        a.json.write_text(json.dumps(res, indent=2))
+        save_json(res, a.json)
     return 0
 
 
