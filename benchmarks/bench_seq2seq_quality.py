@@ -52,9 +52,10 @@ def _keep_first_training_cases(raw: Path, keep: int) -> None:
     for case in cases[keep:]:
         for f in [*case.images.values(), *([case.label] if case.label else [])]:
             f.unlink()
-    spec = json.loads((raw / "dataset.json").read_text())
+    from nnsynth.utils.files import load_json, save_json
+    spec = load_json(raw / "dataset.json")
     spec["numTraining"] = keep
-    (raw / "dataset.json").write_text(json.dumps(spec, indent=2) + "\n")
+    save_json(spec, raw / "dataset.json")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

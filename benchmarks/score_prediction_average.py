@@ -20,22 +20,22 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from nnsynth.constants import SUPPORTED_FILE_ENDINGS
 from nnsynth.dataset.io import read_image
 from nnsynth.evaluation.metrics import compute_metrics
 from nnsynth.utils.files import save_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from intensity_lookup_baseline import METRICS  # noqa: E402
+from intensity_lookup_baseline import METRICS, _mean  # noqa: E402
 
 logger = logging.getLogger("nnsynth.benchmarks.average")
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 
 
 def common_names(truth: Path, folders: Sequence[Path]) -> List[str]:
     """Image file names present in every prediction folder and in the truth folder."""
     names = None
     for folder in folders:
-        here = {p.name for p in folder.iterdir() if p.name.endswith(IMAGE_SUFFIXES)}
+        here = {p.name for p in folder.iterdir() if p.name.endswith(SUPPORTED_FILE_ENDINGS)}
         names = here if names is None else names & here
     return sorted(n for n in (names or set()) if (truth / n).is_file())
 
@@ -53,7 +53,7 @@ def score(truth: Path, folders: Sequence[Path]) -> Dict[str, object]:
         for key, pred in [(str(i), p) for i, p in enumerate(preds)] + [("mean", np.mean(preds, axis=0))]:
             m = compute_metrics(ref, pred, None, compute_lpips=False)
             rows[key].append({"image": name, **{k: float(m[k]) for k in METRICS}})
-    means = {key: {k: float(np.mean([r[k] for r in rs])) for k in METRICS} for key, rs in rows.items()}
+    means = {key: _mean(rs) for key, rs in rows.items()}
     return {"folders": [str(f) for f in folders], "images": names, "per_image": rows, "means": means}
 
 
