@@ -1,4 +1,5 @@
-"""The benchmark helper that scores averaged predictions: its numbers back claims in documentation/benchmarks.md."""
+"""The benchmark helpers that score averaged predictions and diagnose intensity errors: their numbers back claims
+in documentation/benchmarks.md."""
 from __future__ import annotations
 
 import math
@@ -6,11 +7,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy.ndimage import gaussian_filter
 
 from nnsynth.dataset.io import Geometry, write_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import diagnose_intensity  # noqa: E402
 import score_prediction_average  # noqa: E402
 
 
@@ -36,3 +39,41 @@ def test_opposite_errors_cancel_in_the_average_and_matching_names_are_scored(tmp
     assert math.isfinite(res["means"]["0"]["psnr"]) and math.isfinite(res["means"]["1"]["psnr"])
     assert res["means"]["mean"]["psnr"] > res["means"]["0"]["psnr"] + 20   # exact up to float32 rounding
     assert res["means"]["mean"]["mae"] < 1e-5 < res["means"]["0"]["mae"]
+
+
+def _brain_with_lesion():
+    rng = np.random.default_rng(1)
+    truth = 0.4 + 0.2 * gaussian_filter(rng.random((12, 20, 20)), 2.0) / 0.5
+    truth[:, :2] = 0                                   # background
+    label = np.zeros(truth.shape, np.int64)
+    label[3:9, 6:14, 6:14] = 2                         # a bright lesion, 8 % of the brain
+    truth[label == 2] = 1.2
+    return truth, label
+
+
+def test_diagnosis_finds_a_dim_lesion_and_the_stretch_it_causes(tmp_path):
+    truth, label = _brain_with_lesion()
+    perfect = diagnose_intensity.diagnose(truth, truth, label)
+    assert perfect["low_tail"] == pytest.approx(0.0, abs=0.02) and perfect["high_tail"] == pytest.approx(1.0, abs=0.02)
+    assert perfect["classes"]["2"]["ratio"] == pytest.approx(1.0, abs=0.02)
+    assert perfect["classes"]["2 core"]["voxels"] < perfect["classes"]["2"]["voxels"]
+
+    dim = truth.copy()
+    dim[label == 2] = 0.9                              # the lesion synthesised too dim, normal tissue exact
+    d = diagnose_intensity.diagnose(truth, dim, label)
+    on_truth_scale = (0.9 - np.percentile(truth[truth != 0], 0.5)) / (1.2 - np.percentile(truth[truth != 0], 0.5))
+    assert d["classes"]["2"]["ratio"] == pytest.approx(on_truth_scale, abs=0.03)
+    assert d["classes"]["0"]["ratio"] == pytest.approx(1.0, abs=0.02)
+    assert d["high_tail"] == pytest.approx(on_truth_scale, abs=0.03)     # its brightest 0.5 % is the dim lesion
+    # the metric stretches the whole dim prediction: normal tissue is exact, yet the score drops far below the
+    # score after the best affine map
+    assert d["psnr"] < perfect["psnr"] - 10 and d["affine_psnr"] > d["psnr"] + 3
+
+    _write(tmp_path / "truth", "c_0003.nii.gz", truth)
+    _write(tmp_path / "labels", "c.nii.gz", label)
+    _write(tmp_path / "dim", "c_0003.nii.gz", dim)
+    res = diagnose_intensity.run(tmp_path / "truth", [tmp_path / "dim"], tmp_path / "labels")
+    mean = res["folders"][str(tmp_path / "dim")]["mean"]
+    assert mean["class_ratio"]["2"] == pytest.approx(d["classes"]["2"]["ratio"])
+    no_labels = diagnose_intensity.run(tmp_path / "truth", [tmp_path / "dim"])
+    assert no_labels["folders"][str(tmp_path / "dim")]["per_image"][0]["classes"] == {}

@@ -75,6 +75,46 @@ def test_foreground_bias(store):
     assert float(b["mask"][:, 1, 4, 4].mean()) == 1.0  # every centre voxel is brain
 
 
+def test_label_oversampling_centres_patches_on_lesions(tmp_path):
+    from nnsynth.exceptions import NnsynthError, PlansError
+    from nnsynth.preprocessing.storage import load_case, save_case
+    from test_training_engine import make_trainer
+    pre = make_preprocessed(tmp_path, n_cases=2)
+    folder = pre / "nnsynthPlans_2d"
+    data, seg, props = load_case(folder, "case_001")
+    z, y, x = (int(v) for v in np.median(np.argwhere(seg[0] >= 0), axis=0))
+    seg[0, z, y - 1:y + 2, x - 1:x + 2] = 2                # a 9-voxel lesion inside the brain
+    save_case(folder, "case_001", data, seg, props)
+    store = CaseStore(folder, ["case_000", "case_001"])
+    assert len(store.cases["case_000"].labelled) == 0 and len(store.cases["case_001"].labelled) == 9
+
+    def on_lesion(sampler, case, n=400):
+        hits = 0
+        for _ in range(n):
+            c = sampler._center(store.cases[case])
+            hits += bool(seg[0][c] > 0)
+        return hits / n
+
+    half = SynthesisSampler(store, ["case_001"], [8, 8], 2, 3, batch_size=2, seed=0, oversample_labels=0.5)
+    assert 0.4 < on_lesion(half, "case_001") < 0.6         # 9 of ~5000 brain voxels otherwise
+    off = SynthesisSampler(store, ["case_001"], [8, 8], 2, 3, batch_size=2, seed=0)
+    assert on_lesion(off, "case_001") < 0.05
+    always = SynthesisSampler(store, ["case_000"], [8, 8], 2, 3, batch_size=2, seed=0, oversample_labels=1.0,
+                              oversample_foreground=1.0)
+    seg0 = np.asarray(store.cases["case_000"].seg)[0]
+    assert all(seg0[always._center(store.cases["case_000"])] >= 0 for _ in range(20))   # no labels: brain centres
+    # off draws nothing extra: the same batches as a sampler built before the option existed
+    a = SynthesisSampler(store, store.names, [8, 8], 2, 3, batch_size=4, seed=3)
+    b = SynthesisSampler(store, store.names, [8, 8], 2, 3, batch_size=4, seed=3, oversample_labels=0.0)
+    torch.testing.assert_close(a.next_batch()["source"], b.next_batch()["source"])
+    with pytest.raises(NnsynthError, match="oversample_labels"):
+        SynthesisSampler(store, store.names, [8, 8], 2, 3, batch_size=4, seed=3, oversample_labels=1.5)
+    plans = tiny_plans()
+    plans["configurations"]["2d"]["training"]["oversample_labels"] = "often"
+    with pytest.raises(PlansError, match="oversample_labels"):
+        make_trainer(pre, tmp_path / "out", plans=plans).oversample_labels
+
+
 def test_bias_field_multiplicative_smooth_positive_image_only():
     torch.manual_seed(0)
     img = torch.rand(3, 48, 48) + 0.5

@@ -122,3 +122,39 @@ def test_multi_source_exact_resume(tmp_path):
         torch.testing.assert_close(wb[k], wr[k], rtol=1e-5, atol=1e-6)
     assert b.logs["train_loss"] == pytest.approx(ref.logs["train_loss"], rel=1e-5)
 
+
+
+def test_intensity_augmentation_touches_the_chosen_sources_only(tmp_path):
+    """The plans' intensity transforms reach multi-source training through the trainer (the sampler loads every
+    sequence, so it cannot know which are inputs): every source stack is transformed, the target is not."""
+    pre = make_preprocessed(tmp_path / "pre", plans=_multi_plans(joint=True, epochs=1, iters=1))
+    trainer = make_trainer(pre, tmp_path / "out", num_epochs=1, iters_per_epoch=1)
+    trainer.initialize()
+    assert trainer.source_augmentation is not None      # tiny plans: the default probabilities
+    calls, seen = [], {}
+    trainer.source_augmentation = lambda image: calls.append(image.shape) or {"image": image * 0 + 0.25}
+    net_forward, terms = trainer.train_network.forward, trainer.recon_loss.terms
+
+    def spy_net(x, *args, **kwargs):
+        seen["sources"] = x.detach().clone()
+        return net_forward(x, *args, **kwargs)
+
+    def spy_terms(pred, target, mask=None):
+        seen["target"] = target.detach().clone()
+        return terms(pred, target, mask)
+
+    trainer.train_network.forward, trainer.recon_loss.terms = spy_net, spy_terms
+    batch = next(trainer.train_iter)
+    trainer.compute_loss(batch)
+    assert len(calls) == seen["sources"].shape[0] > 0 and torch.all(seen["sources"] == 0.25)
+    images = batch["images"]
+    assert any(torch.equal(seen["target"][0], images[0, t]) for t in range(images.shape[1]))
+    assert not torch.all(seen["target"] == 0.25)
+    # all probabilities 0 (or augmentation disabled): no transform at all
+    from nnsynth.training.dataloading import INTENSITY_AUGMENTATION_OFF, build_intensity_augmentation
+    assert build_intensity_augmentation(dict(INTENSITY_AUGMENTATION_OFF)) is None
+    assert build_intensity_augmentation({"enabled": False}) is None
+    field_only = build_intensity_augmentation({**INTENSITY_AUGMENTATION_OFF, "p_bias_field": 1.0})
+    flat = torch.full((3, 16, 16), 0.5)
+    out = field_only(image=flat.clone())["image"]
+    assert out.min() > 0 and out.std() > 0 and out.shape == flat.shape   # a smooth positive multiplicative field

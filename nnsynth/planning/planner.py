@@ -79,6 +79,8 @@ NUM_ADJACENT_SLICES = 3
 # exponent of the intensity-balanced L1 of seq2seq / tsf_seq2seq (losses/reconstruction.py; 0 = the paper's
 # plain L1): 0.5 weighs each voxel by 1/sqrt(share of its intensity bin), so lesions are not averaged away
 INTENSITY_BALANCE = 0.5
+#: probability that a training patch is centred on a labelled voxel of a case with a label map (dataloading.py)
+OVERSAMPLE_LABELS = 0.0
 # seq2seq learning rate of CPU plans (GPU plans: the paper's 2e-4): short runs of the 4x narrower CPU network
 # learn faster with it (documentation/benchmarks.md, demo, 20 minutes: 2e-3 against 1e-3 over three and four runs:
 # validation slices of all directions 20.9-21.6 dB against 20.3-20.5, full-volume validation 18.69 against 18.46,
@@ -382,7 +384,7 @@ class DefaultPlanner:
                 "poly_exponent": 0.9, "min_lr": 0.0, "warmup_iters": WARMUP_ITERS[self.device],
                 "num_epochs": epochs, "iters_per_epoch": iters, "val_iters": 50 if gpu else 10,
                 "grad_clip": 12.0, "amp": gpu, "compile": False, "num_workers": default_num_workers(),
-                "per_trainer": per_trainer}
+                "oversample_labels": OVERSAMPLE_LABELS, "per_trainer": per_trainer}
 
     def loss(self, num_epochs: int) -> Dict[str, Any]:
         return {

@@ -3,7 +3,10 @@
 Each sample draws a case, then a source and a target sequence among the sequences that case has (both
 uniformly and independently, so ``source == target`` self-reconstruction is included, as in the paper's
 "all ordered pairs including i = j"). The patch centre is a foreground (brain) voxel with probability
-``oversample_foreground`` and a uniform voxel otherwise; images smaller than the patch are zero-padded.
+``oversample_foreground`` and a uniform voxel otherwise; images smaller than the patch are zero-padded. Where a
+case has a label map (a tumour segmentation), the plans' ``training.oversample_labels`` is the probability that
+the centre is a labelled voxel instead (nnU-Net's foreground oversampling): a lesion covers a few percent of the
+brain, so uniform centres would show the network few of the voxels a synthesis most often gets wrong.
 
 Augmentation (batchgeneratorsv2, per sample, torch): the source goes in ``image``, the target in
 ``regression_target`` and the brain mask in ``segmentation``. Spatial transforms (rotation, scaling,
@@ -21,7 +24,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -117,7 +120,12 @@ def build_augmentation(patch_size: Sequence[int], spatial_dims: int, settings: O
         # MirrorTransform flips each allowed axis with probability 0.5 once applied
         transforms.append(RandomTransform(MirrorTransform(allowed_axes=tuple(int(a) for a in mirror)),
                                           min(1.0, 2 * float(cfg["p_mirror"]))))
-    transforms += [
+    transforms += _intensity_transforms(cfg)
+    return ComposeTransforms(transforms)
+
+
+def _intensity_transforms(cfg: Mapping[str, Any]) -> List[BasicTransform]:
+    return [
         RandomTransform(GammaTransform(gamma=tuple(cfg["gamma"]), p_invert_image=0.0, synchronize_channels=True,
                                        p_per_channel=1.0, p_retain_stats=0.0), float(cfg["p_gamma"])),
         RandomTransform(MultiplicativeBrightnessTransform(multiplier_range=tuple(cfg["brightness"]),
@@ -129,7 +137,17 @@ def build_augmentation(patch_size: Sequence[int], spatial_dims: int, settings: O
         RandomTransform(BiasFieldTransform(float(cfg["bias_field_scale"]), int(cfg["bias_field_order"])),
                         float(cfg["p_bias_field"])),
     ]
-    return ComposeTransforms(transforms)
+
+
+def build_intensity_augmentation(settings: Optional[Dict[str, Any]] = None) -> Optional[BasicTransform]:
+    """The plans' intensity transforms alone (gamma, brightness, noise, bias field), for trainers that pick the
+    sources of a task only after loading every sequence of a case (multi-source Seq2Seq): they apply it to each
+    source stack, (C, *spatial), and leave the target clean. None when every probability is 0."""
+    cfg = dict(DEFAULT_AUGMENTATION)
+    cfg.update({k: v for k, v in (settings or {}).items() if k in DEFAULT_AUGMENTATION})
+    if (settings or {}).get("enabled", True) is False or all(float(cfg[k]) <= 0 for k in INTENSITY_AUGMENTATION_OFF):
+        return None
+    return ComposeTransforms(_intensity_transforms(cfg))
 
 
 @dataclass
@@ -140,6 +158,16 @@ class CaseInfo:
     available: List[int]      # indices of the sequences the case has
     shape: Tuple[int, int, int]
     foreground: np.ndarray    # (N, 3) subsample of brain voxel coordinates (z, y, x)
+    labelled: np.ndarray      # (M, 3) subsample of labelled (label > 0) voxel coordinates; M = 0 without labels
+
+
+def _coordinate_sample(mask: np.ndarray) -> np.ndarray:
+    """(N, 3) coordinates of the mask's voxels, a fixed subsample of ``FOREGROUND_COORDS_PER_CASE`` when more."""
+    coords = np.argwhere(mask)
+    if len(coords) > FOREGROUND_COORDS_PER_CASE:
+        pick = np.random.default_rng(0).choice(len(coords), FOREGROUND_COORDS_PER_CASE, replace=False)
+        coords = coords[np.sort(pick)]
+    return coords
 
 
 class CaseStore:
@@ -154,12 +182,9 @@ class CaseStore:
             if not available:
                 logger.warning("Case %s has no available sequence and is skipped", name)
                 continue
-            mask = np.asarray(seg[0]) >= 0
-            coords = np.argwhere(mask)
-            if len(coords) > FOREGROUND_COORDS_PER_CASE:
-                pick = np.random.default_rng(0).choice(len(coords), FOREGROUND_COORDS_PER_CASE, replace=False)
-                coords = coords[np.sort(pick)]
-            self.cases[name] = CaseInfo(name, data, seg, available, tuple(int(s) for s in data.shape[1:]), coords)
+            labels = np.asarray(seg[0])
+            self.cases[name] = CaseInfo(name, data, seg, available, tuple(int(s) for s in data.shape[1:]),
+                                        _coordinate_sample(labels >= 0), _coordinate_sample(labels > 0))
         if not self.cases:
             raise NnsynthError(f"None of the {len(cases)} cases in {self.folder} has an available sequence")
 
@@ -195,7 +220,8 @@ class SynthesisSampler:
 
     def __init__(self, store: CaseStore, cases: Sequence[str], patch_size: Sequence[int], spatial_dims: int,
                  num_adjacent_slices: int, batch_size: int, seed: int, transform: Optional[BasicTransform] = None,
-                 oversample_foreground: float = DEFAULT_OVERSAMPLE_FOREGROUND) -> None:
+                 oversample_foreground: float = DEFAULT_OVERSAMPLE_FOREGROUND,
+                 oversample_labels: float = 0.0) -> None:
         self.store = store
         self.cases = [c for c in cases if c in store.cases]
         if not self.cases:
@@ -206,6 +232,9 @@ class SynthesisSampler:
             raise NnsynthError(f"patch_size {self.patch_size} does not match spatial_dims {spatial_dims}")
         self.batch_size, self.transform = int(batch_size), transform
         self.oversample_foreground = float(oversample_foreground)
+        self.oversample_labels = float(oversample_labels)
+        if not 0.0 <= self.oversample_labels <= 1.0:
+            raise NnsynthError(f"training.oversample_labels must be within [0, 1], got {oversample_labels}")
         self.seed = int(seed)
         self.rng = np.random.default_rng(seed)
         self.thread_id = 0
@@ -224,6 +253,9 @@ class SynthesisSampler:
 
     # --- sampling ---------------------------------------------------------------------------------------
     def _center(self, info: CaseInfo) -> Tuple[int, int, int]:
+        # no draw when off, so plans without label oversampling sample exactly as before it existed
+        if self.oversample_labels > 0 and len(info.labelled) and self.rng.random() < self.oversample_labels:
+            return tuple(int(v) for v in info.labelled[self.rng.integers(len(info.labelled))])
         if len(info.foreground) and self.rng.random() < self.oversample_foreground:
             return tuple(int(v) for v in info.foreground[self.rng.integers(len(info.foreground))])
         return tuple(int(self.rng.integers(s)) for s in info.shape)

@@ -186,13 +186,25 @@ class TrainingEngine:
         self.train_iter = make_training_iterator(self.sampler, int(self.training["num_workers"]))
         self.was_initialized = True
 
+    @property
+    def oversample_labels(self) -> float:
+        """The plans' ``training.oversample_labels`` (absent: 0, as plans made before it existed)."""
+        value = self.training.get("oversample_labels", 0.0)
+        try:
+            value = float(value)
+        except (TypeError, ValueError) as exc:
+            raise PlansError(f"training.oversample_labels must be a number in [0, 1], got {value!r}") from exc
+        if not 0.0 <= value <= 1.0:
+            raise PlansError(f"training.oversample_labels must be within [0, 1], got {value}")
+        return value
+
     def build_sampler(self) -> SynthesisSampler:
         """The training sampler (hook): (source, target) pairs with the plans' augmentation by default."""
         patch = [int(p) for p in self.config["patch_size"]]
         transform = build_augmentation(patch, self.spatial_dims, self.config.get("augmentation"))
         return SynthesisSampler(self.case_store, self.train_cases, patch, self.spatial_dims, self.num_adjacent_slices,
                                 int(self.config.get("batch_size", 2)), seed=self.seed + 7919 * self.rank,
-                                transform=transform)
+                                transform=transform, oversample_labels=self.oversample_labels)
 
     def multi_sequence_sampler(self, min_available: int = 1) -> MultiSequenceSampler:
         """Every sequence of a case per sample (for trainers whose sequences are sources and targets at once):
@@ -203,7 +215,7 @@ class TrainingEngine:
                                     self.num_adjacent_slices, int(self.config.get("batch_size", 2)),
                                     seed=self.seed + 7919 * self.rank,
                                     transform=build_augmentation(patch, self.spatial_dims, aug),
-                                    min_available=min_available)
+                                    min_available=min_available, oversample_labels=self.oversample_labels)
 
     def build_perceptual_loss(self, weight: float) -> Optional[nn.Module]:
         """The perceptual (LPIPS-style) loss on the training device, or None when its weight is 0 or no local

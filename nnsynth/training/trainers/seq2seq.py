@@ -18,7 +18,8 @@ sequences (with probability ``training.per_trainer.seq2seq.all_sources_fraction`
 the sources' encodings (the "average" fusion the TSF paper compares with), or with ``network.joint_input``
 (default in new plans) their joint encoding. With one source this is exactly eq. 1's one-to-one pair; with
 several it teaches the one decoder to use what every given sequence shows (a lesion seen only on T2, say).
-Prediction then fuses the same way.
+Prediction then fuses the same way. The plans' intensity augmentation (gamma, brightness, noise, bias field)
+is applied to each chosen source stack here, after the sources are drawn, so the target stays clean.
 With ``multi_source`` off the trainer is the paper's one-to-one Seq2Seq, and prediction from several sources
 averages the per-source outputs (output space).
 """
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnsynth.exceptions import PlansError
-from nnsynth.training.dataloading import SynthesisSampler
+from nnsynth.training.dataloading import SynthesisSampler, build_intensity_augmentation
 from nnsynth.training.engine import TrainingEngine
 
 logger = logging.getLogger(__name__)
@@ -108,9 +109,11 @@ class Seq2SeqTrainer(TrainingEngine):
             logger.info("Adversarial (LSGAN PatchGAN) term on, weight %s", self.lambda_adv)
         if self.lambda_cycle > 0:
             logger.info("Cycle-consistency term on, weight %s", self.lambda_cycle)
+        self.source_augmentation = None
         if self.multi_source:
             logger.info("Multi-source training: sources are random subsets of each case's sequences, %s",
                         "encoded jointly" if self.fusion == "joint" else "fused by the mean of their encodings")
+            self.source_augmentation = build_intensity_augmentation(self.config.get("augmentation"))
 
     def build_sampler(self) -> SynthesisSampler:
         """Multi-source training needs every sequence of a case per sample; else the engine's pair sampler."""
@@ -146,7 +149,12 @@ class Seq2SeqTrainer(TrainingEngine):
         rows, seqs, targets = self.draw_multi_source(batch["available"].bool().cpu(),
                                                      all_sources_fraction=self.all_sources_fraction)
         rows, seqs, targets = rows.to(images.device), seqs.to(images.device), targets.to(images.device)
-        pred = self.train_network(images[rows, seqs], targets, rows, seqs)
+        sources = images[rows, seqs]
+        if self.source_augmentation is not None:
+            # the plans' intensity transforms on the inputs only (each source stack on its own); the target
+            # below is read from the untouched batch
+            sources = torch.stack([self.source_augmentation(image=s.cpu())["image"] for s in sources]).to(images)
+        pred = self.train_network(sources, targets, rows, seqs)
         truth = images[torch.arange(images.shape[0], device=images.device), targets]
         terms = self.recon_loss.terms(pred.float(), truth)
         return terms["loss"], {"sources_per_sample": float(seqs.numel()) / images.shape[0]}
