@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from nnsynth.constants import SUPPORTED_FILE_ENDINGS
 from nnsynth.dataset.io import read_image
-from nnsynth.evaluation.metrics import compute_metrics, normalize_pair, psnr
+from nnsynth.evaluation.metrics import normalize_pair, psnr
 from nnsynth.utils.files import save_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,7 +53,7 @@ def _label_file(labels: Path, image_name: str) -> Path:
 
 def diagnose(ref: np.ndarray, pred: np.ndarray, label: Optional[np.ndarray] = None) -> Dict[str, object]:
     """The numbers of the module docstring for one image pair (``label`` optional, same shape, 0 = normal)."""
-    ref01, _, mask = normalize_pair(ref, pred)
+    ref01, pred01, mask = normalize_pair(ref, pred)
     mask = np.asarray(mask, bool)
     p = np.asarray(pred, np.float64)
     normal = mask & (label == 0) if label is not None else mask
@@ -67,7 +67,7 @@ def diagnose(ref: np.ndarray, pred: np.ndarray, label: Optional[np.ndarray] = No
     fit = full @ np.linalg.lstsq(full, ref01[mask], rcond=None)[0]
     affine = np.zeros_like(ref01)
     affine[mask] = fit
-    out: Dict[str, object] = {"psnr": float(compute_metrics(ref, pred, None, compute_lpips=False)["psnr"]),
+    out: Dict[str, object] = {"psnr": psnr(ref01, pred01, mask),            # CONTRACT.md section 5's PSNR
                               "affine_psnr": psnr(ref01, affine, mask),
                               "low_tail": float(gain * lo + offset), "high_tail": float(gain * hi + offset),
                               "classes": {}}
