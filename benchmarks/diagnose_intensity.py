@@ -74,9 +74,11 @@ def diagnose(ref: np.ndarray, pred: np.ndarray, label: Optional[np.ndarray] = No
     if label is not None:
         for value in sorted(int(v) for v in np.unique(label[mask])):
             region = mask & (label == value)
-            core = region if value == 0 else ndimage.binary_erosion(region, iterations=CORE_EROSION_VOXELS) & mask
-            for key, sel in ((str(value), region), (f"{value} core", core)):
-                if (value == 0 and key.endswith("core")) or not sel.any():
+            parts = [(str(value), region)]
+            if value != 0:          # normal tissue has no core worth reporting
+                parts.append((f"{value} core", ndimage.binary_erosion(region, iterations=CORE_EROSION_VOXELS) & mask))
+            for key, sel in parts:
+                if not sel.any():
                     continue
                 t, q = float(ref01[sel].mean()), float(on_truth[sel].mean())
                 out["classes"][key] = {"voxels": int(sel.sum()), "truth": t, "prediction": q,

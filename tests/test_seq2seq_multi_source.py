@@ -123,7 +123,6 @@ def test_multi_source_exact_resume(tmp_path):
     assert b.logs["train_loss"] == pytest.approx(ref.logs["train_loss"], rel=1e-5)
 
 
-
 def test_intensity_augmentation_touches_the_chosen_sources_only(tmp_path):
     """The plans' intensity transforms reach multi-source training through the trainer (the sampler loads every
     sequence, so it cannot know which are inputs): every source stack is transformed, the target is not."""

@@ -94,12 +94,18 @@ class BiasFieldTransform(ImageOnlyTransform):
         return img * params["field"].to(img.dtype)[None]
 
 
+def _augmentation_settings(settings: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The plans' ``augmentation`` entries over ``DEFAULT_AUGMENTATION``; None when ``enabled`` is false."""
+    if (settings or {}).get("enabled", True) is False:
+        return None
+    return {**DEFAULT_AUGMENTATION, **{k: v for k, v in (settings or {}).items() if k in DEFAULT_AUGMENTATION}}
+
+
 def build_augmentation(patch_size: Sequence[int], spatial_dims: int, settings: Optional[Dict[str, Any]] = None
                        ) -> Optional[BasicTransform]:
     """The training transform for one patch; ``settings`` are the plans' ``augmentation`` entries."""
-    cfg = dict(DEFAULT_AUGMENTATION)
-    cfg.update({k: v for k, v in (settings or {}).items() if k in DEFAULT_AUGMENTATION})
-    if (settings or {}).get("enabled", True) is False:
+    cfg = _augmentation_settings(settings)
+    if cfg is None:
         return None
     ndim = len(patch_size)
     deg = cfg["rotation_degrees"]
@@ -143,9 +149,8 @@ def build_intensity_augmentation(settings: Optional[Dict[str, Any]] = None) -> O
     """The plans' intensity transforms alone (gamma, brightness, noise, bias field), for trainers that pick the
     sources of a task only after loading every sequence of a case (multi-source Seq2Seq): they apply it to each
     source stack, (C, *spatial), and leave the target clean. None when every probability is 0."""
-    cfg = dict(DEFAULT_AUGMENTATION)
-    cfg.update({k: v for k, v in (settings or {}).items() if k in DEFAULT_AUGMENTATION})
-    if (settings or {}).get("enabled", True) is False or all(float(cfg[k]) <= 0 for k in INTENSITY_AUGMENTATION_OFF):
+    cfg = _augmentation_settings(settings)
+    if cfg is None or all(float(cfg[k]) <= 0 for k in INTENSITY_AUGMENTATION_OFF):
         return None
     return ComposeTransforms(_intensity_transforms(cfg))
 
