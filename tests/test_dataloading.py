@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from test_training_engine import make_preprocessed, tiny_plans
-from nnsynth.training.dataloading import (BiasFieldTransform, CaseStore, SynthesisSampler, build_augmentation,
-                                          fixed_validation_batches, read_box)
+from nnsynth.training.dataloading import (DEFAULT_AUGMENTATION, BiasFieldTransform, CaseStore, SynthesisSampler,
+                                          build_augmentation, build_intensity_augmentation, fixed_validation_batches,
+                                          read_box, without_source_brightness)
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +150,21 @@ def test_augmentation_spatial_on_both_intensity_on_image_only():
     out = aug(image=img.clone(), regression_target=img.clone(), segmentation=torch.ones(3, 40, 40, dtype=torch.int16))
     assert torch.allclose(out["image"], out["regression_target"])       # same spatial transform on both
     assert not torch.allclose(out["image"], img[:, 4:36, 4:36])
+
+
+def test_source_brightness_follows_the_plans_range_and_only_synthesis_inputs_get_it():
+    plans_aug = {"p_gamma": 0, "p_noise": 0, "p_bias_field": 0, "p_brightness": 1.0, "brightness": [0.5, 0.6]}
+    aug = build_intensity_augmentation(plans_aug)
+    img = torch.full((3, 8, 8), 0.5)
+    factors = {round(float(aug(image=img.clone())["image"].mean()) / 0.5, 4) for _ in range(20)}
+    assert all(0.5 <= f <= 0.6 for f in factors) and len(factors) > 1
+    # CodeBrain and the segmentation trainers keep DEFAULT_AUGMENTATION's milder brightness
+    kept = without_source_brightness(plans_aug)
+    assert "p_brightness" not in kept and "brightness" not in kept and kept["p_gamma"] == 0
+    assert without_source_brightness(None) == {}
+    milder = build_intensity_augmentation({**kept, "p_brightness": 1.0})
+    lo, hi = DEFAULT_AUGMENTATION["brightness"]
+    assert all(lo <= float(milder(image=img.clone())["image"].mean()) / 0.5 <= hi for _ in range(20))
 
 
 def test_read_box_pads_with_fill():

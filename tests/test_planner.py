@@ -53,7 +53,8 @@ def test_paper_anchor_values_on_gpu_scale():
     assert c["num_adjacent_slices"] == 3 and c["training"]["amp"] is True
     assert c["loss"]["seq2seq"] == {"lambda_l1": 10.0, "lambda_perceptual": 0.01, "lambda_ssim": 0.0,
                                     "lambda_adv": 0.0, "lambda_cycle": 0.0,
-                                    "intensity_balance": 0.5}   # 0.5: not in the paper
+                                    "intensity_balance": 0.5,   # 0.5: not in the paper
+                                    "lambda_seg": 1.0}          # the label head: not in the paper
     assert c["vq"]["beta"] == 0.25 and c["loss"]["vq_seq2seq"]["tau"] == 0.07
 
 
@@ -88,6 +89,8 @@ def test_synthesis_defaults_beyond_the_paper():
         assert c["loss"]["seq2seq"]["intensity_balance"] == c["loss"]["tsf_seq2seq"]["intensity_balance"] == 0.5
         assert c["training"]["per_trainer"]["seq2seq"]["lr"] == 2e-3          # CPU plans; GPU: the paper's 2e-4
         assert c["training"]["per_trainer"]["seq2seq"]["all_sources_fraction"] == 0.5   # the prediction task
+        # each synthesis input's brightness varies by up to +-25 % in 30 % of the samples (benchmarks.md)
+        assert (c["augmentation"]["p_brightness"], c["augmentation"]["brightness"]) == (0.3, [0.75, 1.25])
     assert plan(device="cuda")["configurations"]["2d"]["training"]["per_trainer"]["seq2seq"]["lr"] == 2e-4
 
 
@@ -216,3 +219,24 @@ def test_custom_planner_by_dotted_path_and_registered_name():
         get_planner_class("defualt")
     with pytest.raises(PlansError, match="cannot import"):
         get_planner_class("no_such_module_xyz.Planner")
+
+
+class DeeperPlanner(DefaultPlanner):
+    """A user's planner with one more stride-2 level than the paper's network."""
+
+    def network(self, spatial_dims):
+        net = super().network(spatial_dims)
+        net["encoder_channels"] = net["encoder_channels"] + [net["encoder_channels"][-1]]
+        net["encoder_kernel_sizes"] = net["encoder_kernel_sizes"] + [3]
+        return net
+
+
+def test_cost_model_counts_any_number_of_levels():
+    # hand count, 16 x 16 patch, 3x3 kernels, channels 2/4/8/8, no residual blocks, skips or pointwise path:
+    # encoder 4608 + 4608 + 4608 + 2304, decoder 9216 + 18432 + 18432, output convolution 4608
+    net = {"encoder_channels": [2, 4, 8, 8], "encoder_kernel_sizes": [3, 3, 3, 3], "num_res_blocks": 0,
+           "num_hyper_res_blocks": 0}
+    assert iteration_cost((16, 16), net, 1)[0] == 66816
+    p = DeeperPlanner(make_fp(), "Dataset999_T", device="cpu", memory_gb=8).plan()
+    c = p["configurations"]["2d"]
+    assert len(c["network"]["encoder_channels"]) == 4 and all(s % 8 == 0 for s in c["patch_size"])

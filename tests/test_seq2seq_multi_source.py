@@ -109,18 +109,25 @@ def test_multi_source_training_improves_and_predicts_from_fused_sources(tmp_path
     torch.testing.assert_close(out, expected)
 
 
-def test_multi_source_exact_resume(tmp_path):
-    pre = make_preprocessed(tmp_path / "pre", n_cases=5, plans=_multi_plans(joint=True))
+def resumed_like_uninterrupted(pre, root):
+    """Train 3 epochs straight, and 1 + 2 with an interruption and ``--c``; check weights and losses match.
+    Returns (uninterrupted, resumed) trainers."""
     kw = dict(num_epochs=3, iters_per_epoch=2)
-    ref = _no_final_validation(make_trainer(pre, tmp_path / "ref", **kw))
+    ref = _no_final_validation(make_trainer(pre, root / "ref", **kw))
     ref.run_training()
-    interrupt_after_epoch(_no_final_validation(make_trainer(pre, tmp_path / "run", **kw)), 0)
-    b = _no_final_validation(make_trainer(pre, tmp_path / "run", **kw))
+    interrupt_after_epoch(_no_final_validation(make_trainer(pre, root / "run", **kw)), 0)
+    b = _no_final_validation(make_trainer(pre, root / "run", **kw))
     b.run_training(continue_training=True)
     wr, wb = _weights(ref), _weights(b)
     for k in wr:
         torch.testing.assert_close(wb[k], wr[k], rtol=1e-5, atol=1e-6)
     assert b.logs["train_loss"] == pytest.approx(ref.logs["train_loss"], rel=1e-5)
+    return ref, b
+
+
+def test_multi_source_exact_resume(tmp_path):
+    resumed_like_uninterrupted(make_preprocessed(tmp_path / "pre", n_cases=5, plans=_multi_plans(joint=True)),
+                               tmp_path)
 
 
 def test_intensity_augmentation_touches_the_chosen_sources_only(tmp_path):

@@ -79,6 +79,14 @@ NUM_ADJACENT_SLICES = 3
 # exponent of the intensity-balanced L1 of seq2seq / tsf_seq2seq (losses/reconstruction.py; 0 = the paper's
 # plain L1): 0.5 weighs each voxel by 1/sqrt(share of its intensity bin), so lesions are not averaged away
 INTENSITY_BALANCE = 0.5
+#: (probability, multiplier range) of the brightness transform on synthesis inputs (one factor per source stack):
+#: a scan's normalised intensities shift with its lesion load and tissue mix, and the oedema of unseen subjects came
+#: out too dim without it (documentation/benchmarks.md, fifteenth session, demo, 20 CPU minutes: 22.44 dB against
+#: 21.77-21.98 in four runs without it, oedema of unseen subjects at 0.88 of its brightness instead of 0.82-0.85)
+SOURCE_BRIGHTNESS = (0.3, (0.75, 1.25))
+#: weight of the Seq2Seq label head's cross-entropy (trainers/seq2seq.py; used where dataset.json has labels):
+#: the shared features learn what a lesion is from every labelled case (documentation/benchmarks.md)
+LABEL_HEAD_WEIGHT = 1.0
 #: probability that a training patch is centred on a labelled voxel of a case with a label map (dataloading.py)
 OVERSAMPLE_LABELS = 0.0
 # seq2seq learning rate of CPU plans (GPU plans: the paper's 2e-4): short runs of the 4x narrower CPU network
@@ -142,17 +150,18 @@ def _convs(channels: Sequence[int], kernels: Sequence[int], n_res: int, n_hyper:
     """(level, kernel volume, c_in, c_out) of every convolution of encoder + HyperConv decoder; ``enc_in`` is
     the encoder's input channels when they differ from the k_in output channels (joint input); ``pointwise`` the
     width of the voxelwise intensity path (networks/seq2seq.py)."""
-    c0, c1, c2 = channels
+    c = [int(v) for v in channels]
+    last = len(c) - 1
     kv = [int(k) ** spatial_dims for k in kernels]
     k3 = 3 ** spatial_dims
-    convs = [(0, kv[0], enc_in or k_in, c0), (1, kv[1], c0, c1), (2, kv[2], c1, c2)]
-    convs += [(2, k3, c2, c2)] * (2 * (n_res + n_hyper))
-    convs += [(1, k3, c2, c1), (0, k3, c1, c0), (0, kv[0], c0, k_in)]
+    convs = [(0, kv[0], enc_in or k_in, c[0])] + [(i, kv[i], c[i - 1], c[i]) for i in range(1, last + 1)]
+    convs += [(last, k3, c[last], c[last])] * (2 * (n_res + n_hyper))
+    convs += [(i - 1, k3, c[i], c[i - 1]) for i in range(last, 0, -1)] + [(0, kv[0], c[0], k_in)]
     if pointwise:   # two 1x1 convs in the encoder, a 1x1 HyperConv and the 1x1 output head in the decoder
         convs += [(0, 1, enc_in or k_in, pointwise), (0, 1, pointwise, pointwise), (0, 1, pointwise, pointwise),
                   (0, 1, pointwise, k_in)]
     if skips:   # the merge HyperConv after each up-sampling (concatenated skip map in)
-        convs += [(1, k3, 2 * c1, c1), (0, k3, 2 * c0, c0)]
+        convs += [(i - 1, k3, 2 * c[i - 1], c[i - 1]) for i in range(last, 0, -1)]
     return convs
 
 
@@ -390,7 +399,7 @@ class DefaultPlanner:
         return {
             "seq2seq": {"lambda_l1": 10.0, "lambda_perceptual": 0.01, "lambda_ssim": 0.0,
                         "lambda_adv": 0.0, "lambda_cycle": 0.0,
-                        "intensity_balance": INTENSITY_BALANCE},
+                        "intensity_balance": INTENSITY_BALANCE, "lambda_seg": LABEL_HEAD_WEIGHT},
             "vq_seq2seq": {"lambda_l1": 10.0, "lambda_ssim": 1.0, "lambda_perceptual": 0.1, "lambda_con": 10.0,
                            "lambda_vq": 10.0, "tau": 0.07, "max_contrastive_positions": 4096,
                            "contrastive_start_epoch": min(100, num_epochs // 10),
@@ -410,7 +419,9 @@ class DefaultPlanner:
             mirror = [x_axis]
         return {"p_rotation": 0.2, "rotation_degrees": [-15.0, 15.0], "p_scaling": 0.2, "scaling": [0.85, 1.15],
                 "mirror_axes": mirror, "p_mirror": 0.5,
-                "p_gamma": 0.3, "gamma": [0.95, 1.05], "p_noise": 0.1, "noise_sigma": [0.0, 0.1],
+                "p_gamma": 0.3, "gamma": [0.95, 1.05],
+                "p_brightness": SOURCE_BRIGHTNESS[0], "brightness": list(SOURCE_BRIGHTNESS[1]),
+                "p_noise": 0.1, "noise_sigma": [0.0, 0.1],
                 "p_bias_field": 0.3, "bias_field_scale": 0.2, "bias_field_alpha": [0.0, 2.0],
                 "p_domain_augmentation": 0.5}
 

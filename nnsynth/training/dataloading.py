@@ -94,6 +94,17 @@ class BiasFieldTransform(ImageOnlyTransform):
         return img * params["field"].to(img.dtype)[None]
 
 
+#: the plans' brightness keys (planner.SOURCE_BRIGHTNESS, synthesis inputs); trainers whose input is not a
+#: synthesis source drop them and keep DEFAULT_AUGMENTATION's milder brightness
+SOURCE_BRIGHTNESS_KEYS = ("p_brightness", "brightness")
+
+
+def without_source_brightness(settings: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The plans' ``augmentation`` without the synthesis-input brightness, for CodeBrain (whose input stack is
+    also its target) and the segmentation trainers: they were measured with DEFAULT_AUGMENTATION's brightness."""
+    return {k: v for k, v in (settings or {}).items() if k not in SOURCE_BRIGHTNESS_KEYS}
+
+
 def _augmentation_settings(settings: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """The plans' ``augmentation`` entries over ``DEFAULT_AUGMENTATION``; None when ``enabled`` is false."""
     if (settings or {}).get("enabled", True) is False:
@@ -164,6 +175,7 @@ class CaseInfo:
     shape: Tuple[int, int, int]
     foreground: np.ndarray    # (N, 3) subsample of brain voxel coordinates (z, y, x)
     labelled: np.ndarray      # (M, 3) subsample of labelled (label > 0) voxel coordinates; M = 0 without labels
+    has_label: bool = False   # the case had a label map (labelsTr): its 0 voxels are known to be unlabelled
 
 
 def _coordinate_sample(mask: np.ndarray) -> np.ndarray:
@@ -189,7 +201,8 @@ class CaseStore:
                 continue
             labels = np.asarray(seg[0])
             self.cases[name] = CaseInfo(name, data, seg, available, tuple(int(s) for s in data.shape[1:]),
-                                        _coordinate_sample(labels >= 0), _coordinate_sample(labels > 0))
+                                        _coordinate_sample(labels >= 0), _coordinate_sample(labels > 0),
+                                        bool(props.get("has_label", False)))
         if not self.cases:
             raise NnsynthError(f"None of the {len(cases)} cases in {self.folder} has an available sequence")
 
@@ -335,8 +348,9 @@ INTENSITY_AUGMENTATION_OFF = {"p_gamma": 0.0, "p_brightness": 0.0, "p_noise": 0.
 
 class MultiSequenceSampler(SynthesisSampler):
     """Per-case batches: every sequence of a case at one patch, ``images`` (B, N, k, y, x) or (B, N, 1, z, y, x)
-    with missing sequences all 0, ``available`` (B, N) bool and the brain ``mask``. Only spatial augmentation
-    (one grid for all sequences); intensity augmentation is the trainer's business (domain augmentation)."""
+    with missing sequences all 0, ``available`` (B, N) bool, the brain ``mask``, ``labels`` (the label value
+    inside the brain, -1 outside) and ``has_label`` (B,) bool (the case came with a label map). Only spatial
+    augmentation (one grid for all sequences and the labels); intensity augmentation is the trainer's business."""
 
     def __init__(self, *args: Any, min_available: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -349,34 +363,40 @@ class MultiSequenceSampler(SynthesisSampler):
         """Every sequence of the case around ``center`` (missing ones stay 0), its mask and availability."""
         info = self.store.cases[case]
         n = int(info.data.shape[0])
-        arrays, mask = self.read_channels(case, info.available, center)
+        arrays, _ = self.read_channels(case, info.available, center)
+        lo, size, idx = self.box(case, center)
+        seg = read_box(info.seg, 0, lo, size, fill=-1)   # -1 outside the brain, else the label value
+        seg = seg[idx] if idx is not None else seg[None]
         shape = arrays[0].shape if self.spatial_dims == 2 else (1,) + arrays[0].shape
         imgs = np.zeros((n,) + shape, np.float32)
         for s, box in zip(info.available, arrays):
             imgs[s] = box if self.spatial_dims == 2 else box[None]
-        mask = mask if self.spatial_dims == 2 else mask[None]
         avail = np.zeros(n, bool)
         avail[info.available] = True
-        return {"images": imgs, "mask": mask.astype(np.float32), "available": avail}
+        return {"images": imgs, "seg": seg, "available": avail, "has_label": info.has_label}
 
     def next_batch(self) -> Dict[str, Any]:
-        names, images, masks, avails = [], [], [], []
+        names, images, segs, avails, has_label = [], [], [], [], []
         for _ in range(self.batch_size):
             case = self.cases[int(self.rng.integers(len(self.cases)))]
             s = self._read_all(case, self._center(self.store.cases[case]))
             img = torch.from_numpy(s["images"])
-            mask = torch.from_numpy(s["mask"])
+            # shifted by one so that what spatial augmentation moves in from outside (0) is outside the brain
+            seg = torch.from_numpy(s["seg"] + 1).to(torch.int16)
             if self.transform is not None:
                 n, c = img.shape[:2]
-                out = self.transform(image=img.reshape(n * c, *img.shape[2:]), segmentation=mask.to(torch.int16))
+                out = self.transform(image=img.reshape(n * c, *img.shape[2:]), segmentation=seg)
                 img = out["image"].reshape(n, c, *out["image"].shape[1:])
-                mask = out["segmentation"].float()
+                seg = out["segmentation"]
             names.append(case)
             images.append(img.float())
-            masks.append(mask.float())
+            segs.append(seg.long() - 1)
             avails.append(torch.from_numpy(s["available"]))
-        return {"images": torch.stack(images), "mask": torch.stack(masks), "available": torch.stack(avails),
-                "cases": names}
+            has_label.append(bool(s["has_label"]))
+        seg_batch = torch.stack(segs)
+        # labels: the label value inside the brain, -1 outside; has_label: the case came with a label map
+        return {"images": torch.stack(images), "mask": (seg_batch >= 0).float(), "labels": seg_batch,
+                "has_label": torch.tensor(has_label), "available": torch.stack(avails), "cases": names}
 
 
 def make_training_iterator(sampler: SynthesisSampler, num_workers: int) -> Iterator[Dict[str, Any]]:

@@ -34,7 +34,7 @@ from nnsynth.exceptions import NnsynthError
 from nnsynth.losses.codebrain import (SequencePatchDiscriminator, grading_loss, lsgan_discriminator_loss,
                                       lsgan_generator_loss, weighted_psnr_loss)
 from nnsynth.training import checkpointing as ckpt
-from nnsynth.training.dataloading import SynthesisSampler, build_augmentation
+from nnsynth.training.dataloading import SynthesisSampler, build_augmentation, without_source_brightness
 from nnsynth.training.engine import FULL_VOLUME_SLICE_BATCH, TrainingEngine
 from nnsynth.utils.files import save_json
 
@@ -175,7 +175,7 @@ class CodeBrainTrainer(TrainingEngine):
         """All sequences of a case as one zero-filled stack; no noise augmentation (the image is also the target,
         so noise would have to be reproduced)."""
         patch = [int(p) for p in self.config["patch_size"]]
-        aug = {**(self.config.get("augmentation") or {}), "p_noise": 0.0}
+        aug = {**without_source_brightness(self.config.get("augmentation")), "p_noise": 0.0}
         return StackSampler(self.case_store, self.train_cases, patch, self.spatial_dims, self.num_adjacent_slices,
                             int(self.config.get("batch_size", 2)), seed=self.seed + 7919 * self.rank,
                             transform=build_augmentation(patch, self.spatial_dims, aug),

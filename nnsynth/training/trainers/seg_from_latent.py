@@ -36,7 +36,8 @@ from nnsynth.constants import DATASET_JSON
 from nnsynth.exceptions import NnsynthError
 from nnsynth.training import checkpointing as ckpt
 from nnsynth.training import distributed as dist_utils
-from nnsynth.training.dataloading import DEFAULT_OVERSAMPLE_FOREGROUND, build_augmentation, read_box
+from nnsynth.training.dataloading import (DEFAULT_OVERSAMPLE_FOREGROUND, build_augmentation, read_box,
+                                          without_source_brightness)
 from nnsynth.training.engine import VALIDATION_SEED, TrainingEngine
 from nnsynth.training.dataloading import MultiSequenceSampler
 from nnsynth.training.trainers.vq_seq2seq import apply_optimizer_defaults
@@ -233,7 +234,8 @@ class SegmentationTrainerBase(TrainingEngine):
 
     def _sampler(self, cases: Sequence[str], train: bool, seed: int) -> SegmentationSampler:
         patch = [int(p) for p in self.config["patch_size"]]
-        transform = build_augmentation(patch, self.spatial_dims, self.config.get("augmentation")) if train else None
+        aug = without_source_brightness(self.config.get("augmentation"))
+        transform = build_augmentation(patch, self.spatial_dims, aug) if train else None
         return SegmentationSampler(self.case_store, list(cases), patch, self.spatial_dims, self.num_adjacent_slices,
                                    int(self.config.get("batch_size", 2)), seed=seed, transform=transform,
                                    label_lut=self.label_lut(),

@@ -22,25 +22,37 @@ Prediction then fuses the same way. The plans' intensity augmentation (gamma, br
 is applied to each chosen source stack here, after the sources are drawn, so the target stays clean.
 With ``multi_source`` off the trainer is the paper's one-to-one Seq2Seq, and prediction from several sources
 averages the per-source outputs (output space).
+
+Label head (plans ``loss.seq2seq.lambda_seg``, not in the paper): when the dataset has label maps (e.g. tumour
+segmentations in labelsTr), a 1x1 convolution on the decoder's last feature map predicts the label of every
+voxel, and ``lambda_seg`` times its cross-entropy (brain voxels of labelled cases) joins the loss. It teaches the
+shared features what a lesion is from every labelled case, including those that lack the sequence a lesion is
+bright on; the head is for training only (prediction never builds it).
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional, Tuple
+import math
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnsynth.exceptions import PlansError
+from nnsynth.constants import DATASET_JSON
+from nnsynth.exceptions import NnsynthError, PlansError
 from nnsynth.training.dataloading import SynthesisSampler, build_intensity_augmentation
 from nnsynth.training.engine import TrainingEngine
+from nnsynth.utils.files import load_json
 
 logger = logging.getLogger(__name__)
 
 # --- constants of this module (paper defaults; the plans' "loss" entry overrides them) -----------------------
 # lambda_l1 / lambda_perceptual defaults live in nnsynth.losses.reconstruction (10 and 0.01, eq. 1).
-SEQ2SEQ_LOSS_DEFAULTS: Dict[str, Any] = {"lambda_cycle": 0.0, "lambda_adv": 0.0, "discriminator_lr": 2e-4}
+#: seed offset of the label head's initialisation (drawn apart from the network's)
+LABEL_HEAD_SEED = 4099
+SEQ2SEQ_LOSS_DEFAULTS: Dict[str, Any] = {"lambda_cycle": 0.0, "lambda_adv": 0.0, "discriminator_lr": 2e-4,
+                                         "lambda_seg": 0.0}
 
 
 class PatchDiscriminator(nn.Module):
@@ -70,6 +82,10 @@ class Seq2SeqTrainer(TrainingEngine):
         self.loss_cfg = {**SEQ2SEQ_LOSS_DEFAULTS, **self.loss_settings}
         self.lambda_cycle = float(self.loss_cfg["lambda_cycle"])
         self.lambda_adv = float(self.loss_cfg["lambda_adv"])
+        self.lambda_seg = float(self.loss_cfg["lambda_seg"])
+        if not (math.isfinite(self.lambda_seg) and self.lambda_seg >= 0):
+            raise PlansError(f"loss.seq2seq.lambda_seg must be a number >= 0, got {self.loss_cfg['lambda_seg']!r}")
+        self.label_head: Optional[nn.Module] = None
         self.multi_source = bool(self.training.get("multi_source", False))
         self.all_sources_fraction = float(self.training.get("all_sources_fraction", 0.0))
         if not 0.0 <= self.all_sources_fraction <= 1.0:
@@ -93,10 +109,54 @@ class Seq2SeqTrainer(TrainingEngine):
         from nnsynth.networks.seq2seq import Seq2SeqNet
         return Seq2SeqNet(len(self.sequences), self.num_adjacent_slices, self.spatial_dims, self.config["network"])
 
+    def label_classes(self) -> List[int]:
+        """Label values the head predicts, in class order (dataset.json ``labels``); [] when the head is off."""
+        from nnsynth.evaluation.segmentation import label_values
+        if self.lambda_seg <= 0:
+            return []
+        if not self.multi_source:
+            logger.info("Label head off: it needs multi-source training")
+            return []
+        if self.world_size > 1:
+            logger.info("Label head off: not synchronised across --num-gpus processes")
+            return []
+        path = self.preprocessed_dataset_folder / DATASET_JSON
+        labels = load_json(path).get("labels") if path.is_file() else None
+        try:
+            values = sorted(set(label_values(labels).values())) if labels else []
+        except NnsynthError as exc:
+            logger.info("Label head off: %s", exc)
+            return []
+        if len(values) < 2:
+            logger.info("Label head off: dataset.json declares no label besides the background")
+            return []
+        return values
+
+    def build_optimizer(self, params) -> torch.optim.Optimizer:
+        """The plans' optimizer over the network and, when it is on, the label head."""
+        extra = list(self.label_head.parameters()) if self.label_head is not None else []
+        return super().build_optimizer(list(params) + extra)
+
     def initialize(self) -> None:
         if self.was_initialized:
             return
+        values = self.label_classes()
+        if values:
+            conv = nn.Conv2d if self.spatial_dims == 2 else nn.Conv3d
+            width = int(self.config["network"]["encoder_channels"][0])
+            #: label value + 1 -> class index (-1, outside the brain, and undeclared values -> class 0)
+            self.label_lut = torch.zeros(max(values) + 2, dtype=torch.long)
+            for i, v in enumerate(values):
+                self.label_lut[v + 1] = i
+            with torch.random.fork_rng(devices=[]):   # its own seed: the network's initialisation stays as it was
+                torch.manual_seed(self.seed + LABEL_HEAD_SEED)
+                self.label_head = conv(width, len(values) * self.num_adjacent_slices, 1).to(self.device)
         super().initialize()
+        if self.label_head is not None:
+            labelled = sum(self.case_store.cases[c].has_label for c in self.train_cases if c in self.case_store.cases)
+            logger.info("Label head on: %d classes (label values %s), weight %s, %d of %d training cases labelled",
+                        len(values), ", ".join(str(v) for v in values), self.lambda_seg, labelled,
+                        len(self.train_cases))
         from nnsynth.losses.reconstruction import Seq2SeqLoss
         self.recon_loss = Seq2SeqLoss.from_config(self.loss_cfg)
         self.recon_loss.perceptual = self.build_perceptual_loss(self.recon_loss.lambda_perceptual)
@@ -154,10 +214,41 @@ class Seq2SeqTrainer(TrainingEngine):
             # the plans' intensity transforms on the inputs only (each source stack on its own); the target
             # below is read from the untouched batch
             sources = torch.stack([self.source_augmentation(image=s.cpu())["image"] for s in sources]).to(images)
-        pred = self.train_network(sources, targets, rows, seqs)
+        features: Dict[str, torch.Tensor] = {}
+        hook = None
+        if self.label_head is not None and bool(batch["has_label"].any()):
+            # the decoder's last feature map, the input of its final HyperConv
+            hook = self._network.decoder.final.register_forward_hook(
+                lambda module, args, out: features.__setitem__("x", args[0]))
+        try:
+            pred = self.train_network(sources, targets, rows, seqs)
+        finally:
+            if hook is not None:
+                hook.remove()
         truth = images[torch.arange(images.shape[0], device=images.device), targets]
         terms = self.recon_loss.terms(pred.float(), truth)
-        return terms["loss"], {"sources_per_sample": float(seqs.numel()) / images.shape[0]}
+        parts = {"sources_per_sample": float(seqs.numel()) / images.shape[0]}
+        loss = terms["loss"]
+        if "x" in features:
+            ce = self._label_loss(features["x"], batch)
+            loss = loss + self.lambda_seg * ce
+            parts["label_ce"] = float(ce.detach())
+        return loss, parts
+
+    def _label_loss(self, features: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+        """Cross-entropy of the label head over the brain voxels of the samples whose case has a label map."""
+        keep = batch["has_label"].to(features.device)
+        logits = self.label_head(features[keep]).float()
+        labels = batch["labels"].to(features.device)[keep]          # (b, k, y, x) or (b, 1, z, y, x)
+        if self.spatial_dims == 2:                                  # one class map per slice of the stack
+            logits = logits.reshape(logits.shape[0], -1, self.num_adjacent_slices, *logits.shape[2:])
+        else:
+            labels = labels[:, 0]
+        lut = self.label_lut.to(labels.device)
+        target = lut[(labels + 1).clamp(0, len(lut) - 1)]
+        inside = (labels >= 0).float()
+        ce = F.cross_entropy(logits, target, reduction="none")
+        return (ce * inside).sum() / inside.sum().clamp(min=1.0)
 
     def compute_loss(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, float]]:
         if "images" in batch:
@@ -195,14 +286,19 @@ class Seq2SeqTrainer(TrainingEngine):
         return value
 
     def extra_state(self) -> Dict[str, Any]:
-        if getattr(self, "discriminator", None) is None:
-            return {}
-        return {"discriminator": self.discriminator.state_dict(), "d_optimizer": self.d_optimizer.state_dict()}
+        out: Dict[str, Any] = {}
+        if getattr(self, "discriminator", None) is not None:
+            out.update(discriminator=self.discriminator.state_dict(), d_optimizer=self.d_optimizer.state_dict())
+        if self.label_head is not None:
+            out["label_head"] = self.label_head.state_dict()
+        return out
 
     def load_extra_state(self, state: Dict[str, Any]) -> None:
         if getattr(self, "discriminator", None) is not None and "discriminator" in state:
             self.discriminator.load_state_dict(state["discriminator"])
             self.d_optimizer.load_state_dict(state["d_optimizer"])
+        if self.label_head is not None and "label_head" in state:
+            self.label_head.load_state_dict(state["label_head"])
 
     # ----- synthesis ------------------------------------------------------------------------------------------
     def predict(self, batch: Dict[str, Any]) -> torch.Tensor:
