@@ -293,17 +293,24 @@ class SynthesisSampler:
         pz = int(math.ceil(self.patch_size[0] * scale))
         return [_box_start(z, pz, info.shape[0])] + lo_inplane, [pz] + size_inplane, None
 
-    def read_channels(self, case: str, channels: Sequence[int], center: Sequence[int]
-                      ) -> Tuple[List[np.ndarray], np.ndarray]:
+    def read_channels_and_labels(self, case: str, channels: Sequence[int], center: Sequence[int]
+                                 ) -> Tuple[List[np.ndarray], np.ndarray]:
         """Read ``channels`` of a case around ``center``: ``(k, y, x)`` stacks (2D) or ``(z, y, x)`` patches (3D)
-        (with a margin for spatial augmentation), plus the brain mask of the same box (no channel axis)."""
+        (with a margin for spatial augmentation), plus the seg array of the same box (no channel axis): the
+        label value inside the brain, -1 outside."""
         info = self.store.cases[case]
         lo, size, idx = self.box(case, center)
         arrays = [read_box(info.data, c, lo, size) for c in channels]
-        mask = read_box(info.seg, 0, lo, size, fill=-1) >= 0
+        seg = read_box(info.seg, 0, lo, size, fill=-1)
         if idx is not None:
-            arrays, mask = [a[idx] for a in arrays], mask[idx]
-        return arrays, mask
+            arrays, seg = [a[idx] for a in arrays], seg[idx]
+        return arrays, seg
+
+    def read_channels(self, case: str, channels: Sequence[int], center: Sequence[int]
+                      ) -> Tuple[List[np.ndarray], np.ndarray]:
+        """``read_channels_and_labels`` with the brain mask (bool) instead of the labels."""
+        arrays, seg = self.read_channels_and_labels(case, channels, center)
+        return arrays, seg >= 0
 
     def sample(self, case: str, source: int, target: int, center: Sequence[int]) -> Dict[str, np.ndarray]:
         """One un-augmented sample: source/target ``(k, y, x)`` (2D) or ``(1, z, y, x)`` (3D) and its mask."""
@@ -360,13 +367,11 @@ class MultiSequenceSampler(SynthesisSampler):
                                f"them (check the dataset's missing sequences)")
 
     def _read_all(self, case: str, center) -> Dict[str, np.ndarray]:
-        """Every sequence of the case around ``center`` (missing ones stay 0), its mask and availability."""
+        """Every sequence of the case around ``center`` (missing ones stay 0), its labels and availability."""
         info = self.store.cases[case]
         n = int(info.data.shape[0])
-        arrays, _ = self.read_channels(case, info.available, center)
-        lo, size, idx = self.box(case, center)
-        seg = read_box(info.seg, 0, lo, size, fill=-1)   # -1 outside the brain, else the label value
-        seg = seg[idx] if idx is not None else seg[None]
+        arrays, seg = self.read_channels_and_labels(case, info.available, center)
+        seg = seg if self.spatial_dims == 2 else seg[None]
         shape = arrays[0].shape if self.spatial_dims == 2 else (1,) + arrays[0].shape
         imgs = np.zeros((n,) + shape, np.float32)
         for s, box in zip(info.available, arrays):
