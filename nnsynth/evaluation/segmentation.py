@@ -41,6 +41,16 @@ BRATS_DEFAULT_LABELS = {"background": 0, "NCR": 1, "ED": 2, "ET": 3}
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def class_lut(values: Sequence[int]) -> np.ndarray:
+    """Label value -> class index for the sorted label ``values`` (class i is ``values[i]``); values in between
+    that dataset.json does not declare map to class 0, the background. Index it with values clipped to its
+    length."""
+    lut = np.zeros(max(values) + 1, np.int64)
+    for i, v in enumerate(values):
+        lut[v] = i
+    return lut
+
+
 def label_values(labels: Mapping[str, Any]) -> Dict[str, int]:
     """dataset.json ``labels`` -> {name: int value}; region-style (list) values are refused with a reason."""
     out: Dict[str, int] = {}

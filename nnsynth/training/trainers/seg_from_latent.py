@@ -192,11 +192,8 @@ class SegmentationTrainerBase(TrainingEngine):
 
     def label_lut(self) -> np.ndarray:
         """Label value -> class index (values not in dataset.json labels map to the background)."""
-        values = self.class_values
-        lut = np.zeros(max(values) + 1, np.int64)
-        for i, v in enumerate(values):
-            lut[v] = i
-        return lut
+        from nnsynth.evaluation.segmentation import class_lut
+        return class_lut(self.class_values)
 
     # ----- set-up ---------------------------------------------------------------------------------------------
     def choose_labelled_cases(self) -> List[str]:

@@ -144,10 +144,8 @@ class Seq2SeqTrainer(TrainingEngine):
         if values:
             conv = nn.Conv2d if self.spatial_dims == 2 else nn.Conv3d
             width = int(self.config["network"]["encoder_channels"][0])
-            #: label value + 1 -> class index (-1, outside the brain, and undeclared values -> class 0)
-            self.label_lut = torch.zeros(max(values) + 2, dtype=torch.long)
-            for i, v in enumerate(values):
-                self.label_lut[v + 1] = i
+            from nnsynth.evaluation.segmentation import class_lut
+            self.label_lut = torch.from_numpy(class_lut(values))   # label value -> class index
             with torch.random.fork_rng(devices=[]):   # its own seed: the network's initialisation stays as it was
                 torch.manual_seed(self.seed + LABEL_HEAD_SEED)
                 self.label_head = conv(width, len(values) * self.num_adjacent_slices, 1).to(self.device)
@@ -245,7 +243,7 @@ class Seq2SeqTrainer(TrainingEngine):
         else:
             labels = labels[:, 0]
         lut = self.label_lut.to(labels.device)
-        target = lut[(labels + 1).clamp(0, len(lut) - 1)]
+        target = lut[labels.clamp(0, len(lut) - 1)]            # outside the brain (-1) is masked below
         inside = (labels >= 0).float()
         ce = F.cross_entropy(logits, target, reduction="none")
         return (ce * inside).sum() / inside.sum().clamp(min=1.0)
