@@ -18,8 +18,11 @@ def _rank_main(rank: int, world: int, pre: str, out: str) -> None:
     t.final_validation = lambda: None
     t.run_training()
     torch.save({k: v.clone() for k, v in t.network.state_dict().items()}, Path(out) / f"weights_rank{rank}.pt")
+    if t.label_head is not None:
+        torch.save({k: v.clone() for k, v in t.label_head.state_dict().items()}, Path(out) / f"head_rank{rank}.pt")
     batch = t.sampler.next_batch()
-    torch.save(batch["cases"] + batch["source_idx"].tolist(), Path(out) / f"batch_rank{rank}.pt")
+    drawn = batch["source_idx"].tolist() if "source_idx" in batch else []   # multi-source batches carry all
+    torch.save(batch["cases"] + drawn, Path(out) / f"batch_rank{rank}.pt")
 
 
 def test_ddp_gloo_two_ranks_identical_weights(tmp_path):
@@ -40,3 +43,23 @@ def test_ddp_gloo_two_ranks_identical_weights(tmp_path):
     # the ranks drew different data (their own sampler streams)
     assert torch.load(out / "batch_rank0.pt") != torch.load(out / "batch_rank1.pt")
     assert (out / "fold_0" / "checkpoint_final.pth").is_file()   # written by rank 0
+
+
+def test_ddp_keeps_the_seq2seq_label_head_identical_on_every_rank(tmp_path):
+    """The label head is not DDP's: the engine broadcasts it and averages its gradients, so the ranks agree."""
+    from nnsynth.training.distributed import launch
+    from test_seq2seq_label_head import _labelled
+    pre = _labelled(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    launch(2, _rank_main, (str(pre), str(out)), backend="gloo")
+    h0, h1 = torch.load(out / "head_rank0.pt"), torch.load(out / "head_rank1.pt")
+    init = make_trainer(pre, tmp_path / "init")
+    init.initialize()
+    assert init.label_head is not None
+    for k, v in h0.items():
+        torch.testing.assert_close(v, h1[k], rtol=0, atol=1e-6)
+        assert not torch.allclose(v, init.label_head.state_dict()[k])   # the head did train
+    w0, w1 = torch.load(out / "weights_rank0.pt"), torch.load(out / "weights_rank1.pt")
+    for k in w0:
+        torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=1e-6)

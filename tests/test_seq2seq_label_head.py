@@ -112,3 +112,21 @@ def test_label_head_exact_resume(tmp_path):
     assert ref.label_head is not None
     for k, v in ref.label_head.state_dict().items():
         torch.testing.assert_close(b.label_head.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_clipping_covers_the_label_head(tmp_path):
+    """One global norm over everything the optimizer steps: after a step with a tiny grad_clip the gradients of
+    the network and the head together have that norm (clipping the network alone would leave the head's)."""
+    pre = _labelled(tmp_path)
+    trainer = make_trainer(pre, tmp_path / "out", num_epochs=1, iters_per_epoch=1)
+    trainer.initialize()
+    trainer.training["grad_clip"] = 1e-3
+    batch = next(trainer.train_iter)
+    while not bool(batch["has_label"].any()):
+        batch = next(trainer.train_iter)
+    trainer.train_step(trainer._to_device(batch))
+    grads = [p.grad for g in trainer.optimizer.param_groups for p in g["params"] if p.grad is not None]
+    head = [p.grad for p in trainer.label_head.parameters()]
+    assert all(g is not None and bool(g.abs().sum() > 0) for g in head)
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert float(total) == pytest.approx(1e-3, rel=1e-3)

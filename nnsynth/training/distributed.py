@@ -56,6 +56,27 @@ def broadcast_object(obj: Any) -> Any:
     return holder[0]
 
 
+def broadcast_tensors(tensors) -> None:
+    """Give every rank rank 0's values of ``tensors`` in place (no-op without a process group)."""
+    if not is_initialized():
+        return
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+def all_reduce_gradients(params) -> None:
+    """Average the gradients of ``params`` over ranks in place, for parameters DDP does not own (a trainer's
+    own head); a rank on which a parameter got no gradient contributes zeros, so every rank steps alike."""
+    if not is_initialized():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world_size())
+
+
 def _worker(local_rank: int, world: int, port: int, backend: str, fn: Callable[..., Any], args: Tuple) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)

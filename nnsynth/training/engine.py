@@ -177,6 +177,13 @@ class TrainingEngine:
                                         exponent=float(self.training.get("poly_exponent", 0.9)),
                                         min_lr=float(self.training.get("min_lr", 0.0)))
         self.grad_scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        # parameters a trainer adds to the optimizer beside the network's (e.g. Seq2Seq's label head): DDP does
+        # not see them, so the engine keeps them in step across ranks itself
+        in_network = {id(p) for p in self._network.parameters()}
+        self._optimized_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._trainer_params = [p for p in self._optimized_params if id(p) not in in_network]
+        if self.world_size > 1:
+            dist_utils.broadcast_tensors(self._trainer_params)
         self.train_network: nn.Module = self._network
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -321,8 +328,11 @@ class TrainingEngine:
             raise NnsynthError(f"The training loss became {loss.item()} at epoch {self.epoch}; lower the learning "
                                f"rate in the plans or disable amp")
         self.grad_scaler.scale(loss).backward()
+        if self.world_size > 1 and self._trainer_params:
+            dist_utils.all_reduce_gradients(self._trainer_params)
         self.grad_scaler.unscale_(self.optimizer)
-        nn.utils.clip_grad_norm_(self._network.parameters(), float(self.training["grad_clip"]))
+        # one global norm over everything the optimizer steps (the network and any trainer-owned head)
+        nn.utils.clip_grad_norm_(self._optimized_params, float(self.training["grad_clip"]))
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
         self.scheduler.step()

@@ -117,9 +117,6 @@ class Seq2SeqTrainer(TrainingEngine):
         if not self.multi_source:
             logger.info("Label head off: it needs multi-source training")
             return []
-        if self.world_size > 1:
-            logger.info("Label head off: not synchronised across --num-gpus processes")
-            return []
         path = self.preprocessed_dataset_folder / DATASET_JSON
         labels = load_json(path).get("labels") if path.is_file() else None
         try:
