@@ -182,10 +182,9 @@ class TrainingEngine:
         in_network = {id(p) for p in self._network.parameters()}
         self._optimized_params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._trainer_params = [p for p in self._optimized_params if id(p) not in in_network]
-        if self.world_size > 1:
-            dist_utils.broadcast_tensors(self._trainer_params)
         self.train_network: nn.Module = self._network
         if self.world_size > 1:
+            dist_utils.broadcast_tensors(self._trainer_params)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_network = nn.parallel.DistributedDataParallel(self._network, device_ids=ids)
         if self.device.type == "cuda" and bool(self.training["compile"]):
