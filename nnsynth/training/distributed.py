@@ -60,9 +60,8 @@ def broadcast_tensors(tensors) -> None:
     """Give every rank rank 0's values of ``tensors`` in place (no-op without a process group)."""
     if not is_initialized():
         return
-    with torch.no_grad():
-        for t in tensors:
-            dist.broadcast(t.data, src=0)
+    for t in tensors:
+        dist.broadcast(t.data, src=0)   # .data: an in-place write autograd does not track
 
 
 def all_reduce_gradients(params) -> None:
