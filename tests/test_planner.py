@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from nnsynth.exceptions import PlansError
-from nnsynth.planning.planner import (CPU_REFERENCE, POINTWISE_WIDTH, VQ_MIN_LATENT_CELLS, DefaultPlanner,
-                                      get_planner_class, iteration_cost, register_planner)
+from nnsynth.planning.planner import (CPU_REFERENCE, GLOBAL_CONTEXT_HEADS, POINTWISE_WIDTH, VQ_MIN_LATENT_CELLS,
+                                      DefaultPlanner, get_planner_class, iteration_cost, register_planner)
 from nnsynth.planning.plans import apply_overrides, get_configuration, get_trainer_settings
 
 NAMES = ["T1", "T1Gd", "T2", "Flair", "PD", "DWI"]
@@ -134,6 +134,8 @@ def test_cpu_plan_is_smaller_than_gpu_plan_and_within_time_budget():
         assert (c["network"]["num_res_blocks"], c["network"]["num_hyper_res_blocks"]) == (2, 2)
         # the voxelwise intensity path of the Seq2Seq backbone, on both (networks/seq2seq.py)
         assert c["network"]["pointwise_width"] == g["network"]["pointwise_width"] == POINTWISE_WIDTH > 0
+        # and the decoder's global subject context on top of it
+        assert c["network"]["global_context_heads"] == g["network"]["global_context_heads"] == GLOBAL_CONTEXT_HEADS > 0
         assert c["training"]["amp"] is False
         # CPU runs are time-budgeted: a 20-minute --max-minutes run must not hit the epoch ceiling on a fast
         # 2-core machine (~90 epochs of 100 iterations); warm-up is one CPU epoch, the GPU keeps nnU-Net's scale

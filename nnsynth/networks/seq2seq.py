@@ -34,6 +34,10 @@ encoding like a skip map), then in the decoder a 1x1 HyperConv + LeakyReLU and a
 target's code, whose output is added to G's final convolution before the Tanh, so nothing normalises it on the
 way to the output. (Concatenating it to the final 7x7 convolution's input instead made a CPU step 45 % slower.)
 
+Global subject context (plans ``network.global_context_heads``; not in the paper, on in nnsynth's default plans,
+needs the pointwise path): ``GlobalContext`` pools the pointwise features over the patch with learned attention
+maps and shifts the target's code by a linear map of them, so every HyperConv can follow the subject's contrast.
+
 Sizes that are not multiples of the down-sampling factor are padded with background (0) by ``encode`` and
 cropped back by ``decode(..., output_size=...)`` / ``forward``.
 """
@@ -74,6 +78,7 @@ DEFAULT_SEQ2SEQ_NETWORK: Dict[str, Any] = {
     "source_conditioning": False,    # the encoder's first conv is a HyperConv on the source's code (not in the paper)
     "joint_input": False,            # the encoder reads every given sequence at once as channels (not in the paper)
     "pointwise_width": 0,            # channels of the un-normalised voxelwise intensity path (0: off; not in the paper)
+    "global_context_heads": 0,       # heads of the pooled subject context in the decoder (0: off; not in the paper)
 }
 # small init of the last HyperConv so the Tanh starts in its linear range, not saturated
 FINAL_LAYER_INIT_GAIN = 0.5
@@ -102,7 +107,7 @@ def resolve_network_config(network: Mapping[str, Any]) -> Dict[str, Any]:
         problems.append(f"encoder_kernel_sizes ({kernels}) must have one entry per encoder_channels entry ({chans})")
     if any(k < 1 or k % 2 == 0 for k in kernels):
         problems.append(f"encoder_kernel_sizes must be odd, got {kernels}")
-    for key in ("num_res_blocks", "num_hyper_res_blocks", "pointwise_width"):
+    for key in ("num_res_blocks", "num_hyper_res_blocks", "pointwise_width", "global_context_heads"):
         if int(cfg[key] or 0) < 0:
             problems.append(f"{key} must be >= 0, got {cfg[key]}")
     if int(cfg["hyper_bank_size"]) < 1 or int(cfg["code_length"]) < 1:
@@ -113,6 +118,9 @@ def resolve_network_config(network: Mapping[str, Any]) -> Dict[str, Any]:
     if cfg["joint_input"] is True and cfg["source_conditioning"] is True:
         problems.append("joint_input and source_conditioning exclude each other (a joint encoder already knows "
                         "which sequence each channel holds): switch source_conditioning off")
+    if int(cfg["global_context_heads"] or 0) > 0 and int(cfg["pointwise_width"] or 0) <= 0:
+        problems.append("global_context_heads pools the pointwise intensity path's features: it needs "
+                        "pointwise_width > 0 (or set global_context_heads to 0)")
     if int(cfg["res_kernel_size"]) % 2 == 0:
         problems.append(f"res_kernel_size must be odd, got {cfg['res_kernel_size']}")
     if problems:
@@ -120,6 +128,7 @@ def resolve_network_config(network: Mapping[str, Any]) -> Dict[str, Any]:
     cfg["encoder_channels"] = chans
     cfg["encoder_kernel_sizes"] = kernels
     cfg["pointwise_width"] = int(cfg["pointwise_width"] or 0)
+    cfg["global_context_heads"] = int(cfg["global_context_heads"] or 0)
     for key in ("num_res_blocks", "num_hyper_res_blocks", "hyper_bank_size", "code_length", "res_kernel_size"):
         cfg[key] = int(cfg[key])
     cfg["negative_slope"] = float(cfg["negative_slope"])
@@ -180,6 +189,32 @@ class Encoder(nn.Module):
         return bottleneck, skips, (self.pointwise(x) if self.pointwise is not None else None)
 
 
+class GlobalContext(nn.Module):
+    """What the whole input says about the subject, as a shift of the decoder's code (not in the paper).
+
+    Instance normalisation hides each feature map's level over the patch, and the pointwise path sees one voxel,
+    so nothing in the network compares, say, this subject's white matter on T1 with its grey matter on T2, which
+    is what fixes the target's contrast when tissue properties vary between subjects. Here ``heads`` learned 1x1
+    scores weight the un-normalised pointwise features in a softmax over the patch (each head can pick a tissue
+    and read its levels); the pooled vectors go through a linear map into the code space and are added to the
+    target's code, so every HyperConv's kernel adapts to them. The map starts at zero: a new network behaves
+    exactly as one without the context until training finds it useful."""
+
+    def __init__(self, spatial_dims: int, channels: int, heads: int, code_length: int) -> None:
+        super().__init__()
+        self.heads = int(heads)
+        self.score = (nn.Conv2d, nn.Conv3d)[spatial_dims - 2](channels, self.heads, 1)
+        self.project = nn.Linear(self.heads * channels, code_length)
+        nn.init.zeros_(self.project.weight)
+        nn.init.zeros_(self.project.bias)
+
+    def forward(self, pointwise: Tensor) -> Tensor:
+        """pointwise features (B, C, *S) -> code shift (B, code_length)."""
+        weights = torch.softmax(self.score(pointwise).flatten(2).float(), dim=-1).to(pointwise.dtype)  # (B, H, V)
+        pooled = torch.bmm(weights, pointwise.flatten(2).transpose(1, 2))                             # (B, H, C)
+        return self.project(pooled.flatten(1))
+
+
 class HyperDecoder(nn.Module):
     """G: hyper-residual blocks, then per level (upsample 2x + HyperConv), then a final HyperConv k7 (plus the
     pointwise path's 1x1 head when it is on) and Tanh.
@@ -207,6 +242,9 @@ class HyperDecoder(nn.Module):
             HyperConv(self.pointwise_width, out_channels, 1, cfg["code_length"], spatial_dims=spatial_dims,
                       bank_size=cfg["hyper_bank_size"], mlp_hidden=cfg["hyper_mlp_hidden"],
                       init_gain=FINAL_LAYER_INIT_GAIN)]) if self.pointwise_width else None
+        self.context: Optional[GlobalContext] = (
+            GlobalContext(spatial_dims, self.pointwise_width, cfg["global_context_heads"], cfg["code_length"])
+            if cfg["global_context_heads"] else None)
         self.final = HyperConv(chans[0], out_channels, kernels[0], cfg["code_length"], spatial_dims=spatial_dims,
                                padding_mode=cfg["padding_mode"], bank_size=cfg["hyper_bank_size"],
                                mlp_hidden=cfg["hyper_mlp_hidden"], init_gain=FINAL_LAYER_INIT_GAIN)
@@ -251,6 +289,8 @@ class HyperDecoder(nn.Module):
 
     def forward(self, features: Tensor, code: Tensor) -> Tensor:
         x, skips, pointwise = self.split(features)
+        if self.context is not None:
+            code = code.expand(x.shape[0], -1) + self.context(pointwise)
         for block in self.res_blocks:
             x = block(x, code)
         for i, block in enumerate(self.up_blocks):

@@ -101,7 +101,8 @@ class VQSeq2SeqNet(Seq2SeqNet):
         vq = dict(vq or {})
         super().__init__(num_sequences, in_channels, spatial_dims,
                          {**vq_network(network, vq.get("downsampling_levels")), "skip_connections": False,
-                          "source_conditioning": False, "joint_input": False, "pointwise_width": 0})
+                          "source_conditioning": False, "joint_input": False, "pointwise_width": 0,
+                          "global_context_heads": 0})
         self.vqc_variance = str(vq.get("vqc_variance", VQC_DEFAULT_VARIANCE))
         if self.vqc_variance not in VQC_VARIANCE_CHOICES:
             raise PlansError(f"vq.vqc_variance must be one of {VQC_VARIANCE_CHOICES}, got {self.vqc_variance!r}")

@@ -49,6 +49,8 @@ RES_BLOCKS = {"cpu": 2, "cuda": 6}
 #: 10 minutes on 1 thread, 32 channels beat 16 on validation slices (18.32 vs 17.73 dB; off 17.54) and on the
 #: affine-calibrated test score (21.79 vs 21.21; off 20.33)
 POINTWISE_WIDTH = 32
+#: heads of the Seq2Seq decoder's global subject context (networks/seq2seq.py, GlobalContext; negligible cost)
+GLOBAL_CONTEXT_HEADS = 4
 MAX_PATCH_EDGE = {("cpu", 2): 128, ("cpu", 3): 96, ("cuda", 2): 256, ("cuda", 3): 160}
 MAX_BATCH_SIZE = {("cpu", 2): 8, ("cpu", 3): 2, ("cuda", 2): 16, ("cuda", 3): 4}
 MIN_BATCH_SIZE = 2
@@ -268,7 +270,8 @@ class DefaultPlanner:
                 "hyper_bank_size": 16, "code_length": self.code_length(),
                 "hyper_mlp_hidden": 64, "norm": "instance", "negative_slope": 0.2, "padding_mode": "reflect",
                 "upsample_mode": "nearest", "res_kernel_size": 3, "skip_connections": True,
-                "source_conditioning": False, "joint_input": True, "pointwise_width": POINTWISE_WIDTH}
+                "source_conditioning": False, "joint_input": True, "pointwise_width": POINTWISE_WIDTH,
+                "global_context_heads": GLOBAL_CONTEXT_HEADS}
 
     def normalization(self) -> Dict[str, Any]:
         """``median_anchor`` with per-sequence ratios from the fingerprint (preprocessing/normalization.py); a
