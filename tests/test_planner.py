@@ -135,7 +135,8 @@ def test_cpu_plan_is_smaller_than_gpu_plan_and_within_time_budget():
         # the voxelwise intensity path of the Seq2Seq backbone, on both (networks/seq2seq.py)
         assert c["network"]["pointwise_width"] == g["network"]["pointwise_width"] == POINTWISE_WIDTH > 0
         # and the decoder's global subject context on top of it
-        assert c["network"]["global_context_heads"] == g["network"]["global_context_heads"] == GLOBAL_CONTEXT_HEADS > 0
+        heads = (c["network"]["global_context_heads"], g["network"]["global_context_heads"])
+        assert heads == (GLOBAL_CONTEXT_HEADS,) * 2 and GLOBAL_CONTEXT_HEADS > 0
         assert c["training"]["amp"] is False
         # CPU runs are time-budgeted: a 20-minute --max-minutes run must not hit the epoch ceiling on a fast
         # 2-core machine (~90 epochs of 100 iterations); warm-up is one CPU epoch, the GPU keeps nnU-Net's scale

@@ -202,9 +202,8 @@ class GlobalContext(nn.Module):
 
     def __init__(self, spatial_dims: int, channels: int, heads: int, code_length: int) -> None:
         super().__init__()
-        self.heads = int(heads)
-        self.score = (nn.Conv2d, nn.Conv3d)[spatial_dims - 2](channels, self.heads, 1)
-        self.project = nn.Linear(self.heads * channels, code_length)
+        self.score = (nn.Conv2d, nn.Conv3d)[spatial_dims - 2](channels, int(heads), 1)
+        self.project = nn.Linear(int(heads) * channels, code_length)
         nn.init.zeros_(self.project.weight)
         nn.init.zeros_(self.project.bias)
 

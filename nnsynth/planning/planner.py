@@ -49,7 +49,8 @@ RES_BLOCKS = {"cpu": 2, "cuda": 6}
 #: 10 minutes on 1 thread, 32 channels beat 16 on validation slices (18.32 vs 17.73 dB; off 17.54) and on the
 #: affine-calibrated test score (21.79 vs 21.21; off 20.33)
 POINTWISE_WIDTH = 32
-#: heads of the Seq2Seq decoder's global subject context (networks/seq2seq.py, GlobalContext; negligible cost)
+#: heads of the Seq2Seq decoder's global subject context (networks/seq2seq.py, GlobalContext; no measurable cost
+#: per step). Demo, fold all, 20 minutes: 23.23 and 23.06 dB against 22.65 without it (documentation/benchmarks.md)
 GLOBAL_CONTEXT_HEADS = 4
 MAX_PATCH_EDGE = {("cpu", 2): 128, ("cpu", 3): 96, ("cuda", 2): 256, ("cuda", 3): 160}
 MAX_BATCH_SIZE = {("cpu", 2): 8, ("cpu", 3): 2, ("cuda", 2): 16, ("cuda", 3): 4}
