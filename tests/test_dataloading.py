@@ -173,3 +173,45 @@ def test_read_box_pads_with_fill():
     assert box.shape == (3, 2, 4)
     assert (box[0] == -1).all() and (box[:, :, 2:] == -1).all()
     np.testing.assert_array_equal(box[1:, :, :2], arr[1, 0:2, 0:2, 3:5])
+
+
+_WORKER_SCRIPT = """
+import sys
+import blosc2
+sys.path.insert(0, sys.argv[2])
+from test_training_engine import tiny_case
+from nnsynth.preprocessing.storage import save_case
+from nnsynth.training.dataloading import CaseStore, SynthesisSampler, make_training_iterator
+blosc2.set_nthreads(2)  # what a 2-core machine gets by default; GPU machines get more
+data, seg, props = tiny_case(0, (12, 160, 160))  # chunks of several blosc2 blocks: the threaded path
+save_case(sys.argv[1], "case_000", data, seg, props)
+store = CaseStore(sys.argv[1], ["case_000"])
+sampler = SynthesisSampler(store, ["case_000"], [8, 128, 128], 3, 1, batch_size=2, seed=0)
+sampler.next_batch()  # the parent decompresses first, as the first validation batches do
+batches = make_training_iterator(sampler, 2)
+for _ in range(4):
+    assert next(batches)["source"].shape[-3:] == (8, 128, 128)
+batches._finish()
+print("workers delivered")
+"""
+
+
+def test_background_workers_read_3d_patches_after_the_parent_did(tmp_path):
+    """Forked workers must not wait on blosc2 decompression threads that only the parent had (a hang, not an error).
+
+    Before CaseStore opened its arrays single-threaded, every worker of a 3d GPU run sat in a futex wait forever.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    tests_dir = str(Path(__file__).parent)
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER_SCRIPT, str(tmp_path / "pre"), tests_dir],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers too: they are in the same session
+        proc.communicate()
+        pytest.fail("background workers delivered no batch within 120 s (blosc2 threads after fork)")
+    assert proc.returncode == 0 and "workers delivered" in out, out

@@ -75,11 +75,17 @@ def load_properties(folder: PathLike, case: str) -> dict:
     return load_json(Path(folder) / f"{case}.json")
 
 
-def open_case(folder: PathLike, case: str) -> Tuple[Any, Any, dict]:
-    """Open a case lazily: (data, seg, properties); slicing the arrays returns numpy."""
+def open_case(folder: PathLike, case: str, single_threaded: bool = False) -> Tuple[Any, Any, dict]:
+    """Open a case lazily: (data, seg, properties); slicing the arrays returns numpy.
+
+    ``single_threaded``: decompress on the calling thread only. Arrays that forked data-loading workers will read
+    must be opened so: blosc2's decompression threads do not survive a fork, and a worker reading a box large
+    enough for the threaded path waits on them forever (seen with 3d patches on a 16-core GPU machine).
+    """
     folder = Path(folder)
-    data = blosc2.open(str(folder / f"{case}.b2nd"), mode="r")
-    seg = blosc2.open(str(folder / f"{case}_seg.b2nd"), mode="r")
+    kwargs = {"dparams": {"nthreads": 1}} if single_threaded else {}
+    data = blosc2.open(str(folder / f"{case}.b2nd"), mode="r", **kwargs)
+    seg = blosc2.open(str(folder / f"{case}_seg.b2nd"), mode="r", **kwargs)
     return data, seg, load_properties(folder, case)
 
 

@@ -194,7 +194,8 @@ class CaseStore:
         self.folder = Path(folder)
         self.cases: Dict[str, CaseInfo] = {}
         for name in cases:
-            data, seg, props = open_case(self.folder, name)
+            # background workers are forked with these arrays open: keep blosc2 off its thread pool
+            data, seg, props = open_case(self.folder, name, single_threaded=True)
             available = [i for i, a in enumerate(props["available"]) if a]
             if not available:
                 logger.warning("Case %s has no available sequence and is skipped", name)
