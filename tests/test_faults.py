@@ -49,7 +49,16 @@ def run_child(module: str, argv: List[str], env: Dict[str, str], hook: str = "",
     """Run ``nnsynth.cli.{module}.cli(argv)`` in a fresh Python process with ``hook`` installed."""
     code = DRIVER.format(hook=textwrap.dedent(hook), module=module, argv=argv)
     cmd = (wrap or []) + [sys.executable, "-c", code]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec)
+    # its own session, so a timeout can take the child's data-loading workers down with it
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=preexec, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def child_env(**folders: Path) -> Dict[str, str]:
@@ -126,6 +135,30 @@ def test_training_killed_mid_epoch_and_mid_checkpoint_resumes_to_the_same_end(tr
         ckpt.load_checkpoint(fold / name)
     log = (fold / "training_log.txt").read_text()
     assert "Resuming from checkpoint_latest.pth (epoch 1, iteration 0)" in log
+
+
+def test_killed_trainer_takes_its_background_workers_with_it(trained, tmp_path):
+    """Data-loading workers must end with a SIGKILLed trainer (on machines with > 2 cores they are the default).
+
+    They share the trainer's output pipes, so ``communicate`` only returns once every worker has exited; without
+    the workers' watch on their trainer they loop on a full queue forever and this runs into its timeout.
+    """
+    env = child_env(raw=trained["raw"], preprocessed=trained["preprocessed"], results=tmp_path / "res")
+    argv = ["501", "seq2seq", "0", "--epochs", "3", "--iters-per-epoch", "4", "--device", "cpu", "--num-workers", "2"]
+    hook = """
+    _orig = TrainingEngine.train_step
+    _calls = [0]
+    def train_step(self, batch):
+        _calls[0] += 1
+        if _calls[0] == 3:      # the workers are running and have filled their queue
+            import time
+            time.sleep(2)
+            die()
+        return _orig(self, batch)
+    TrainingEngine.train_step = train_step
+    """
+    r = run_child("train", argv, env, hook, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
 
 
 def test_truncated_checkpoint_falls_back_to_the_previous_one(trained, tmp_path, monkeypatch, logs):

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -47,6 +50,7 @@ logger = logging.getLogger(__name__)
 FOREGROUND_COORDS_PER_CASE = 20000   # subsample of brain voxels kept per case for foreground sampling
 DEFAULT_OVERSAMPLE_FOREGROUND = 0.9  # brain-centred patches: the background carries no synthesis signal
 SPATIAL_READ_MARGIN = 1.25           # read this much more than the patch so rotations have no empty corners
+WORKER_PARENT_CHECK_S = 1.0          # how often a background worker checks that its trainer still runs
 DEFAULT_AUGMENTATION: Dict[str, Any] = {
     "p_rotation": 0.2, "rotation_degrees": [-15.0, 15.0],
     "p_scaling": 0.2, "scaling": [0.85, 1.15],
@@ -257,6 +261,7 @@ class SynthesisSampler:
         self.seed = int(seed)
         self.rng = np.random.default_rng(seed)
         self.thread_id = 0
+        self.trainer_pid: Optional[int] = None  # set by make_training_iterator before workers start
 
     # --- state ------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -269,6 +274,8 @@ class SynthesisSampler:
         """Called by batchgenerators in each worker: give every worker its own stream."""
         self.thread_id = thread_id
         self.rng = np.random.default_rng([self.seed, thread_id + 1])
+        if self.trainer_pid is not None and os.getpid() != self.trainer_pid:
+            exit_with_process(self.trainer_pid)
 
     # --- sampling ---------------------------------------------------------------------------------------
     def _center(self, info: CaseInfo) -> Tuple[int, int, int]:
@@ -405,11 +412,43 @@ class MultiSequenceSampler(SynthesisSampler):
                 "has_label": torch.tensor(has_label), "available": torch.stack(avails), "cases": names}
 
 
+def exit_with_process(pid: int, interval_s: float = WORKER_PARENT_CHECK_S) -> threading.Thread:
+    """End this (worker) process once process ``pid`` is gone.
+
+    batchgenerators' producers only stop on an abort event, which a SIGKILLed or OOM-killed trainer never sets:
+    its workers would loop on their full queue forever, holding memory and the trainer's output pipes. A daemon
+    thread checks every ``interval_s``: a forked worker is re-parented the moment the trainer dies; a spawned
+    one (forkserver, Python >= 3.14) asks the kernel whether ``pid`` still exists.
+    """
+    forked = os.getppid() == pid
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if forked:
+                gone = os.getppid() != pid
+            else:
+                try:
+                    os.kill(pid, 0)
+                    gone = False
+                except ProcessLookupError:
+                    gone = True
+                except PermissionError:  # the pid now belongs to another user's process
+                    gone = True
+            if gone:
+                os._exit(0)
+
+    thread = threading.Thread(target=watch, name="nnsynth-trainer-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def make_training_iterator(sampler: SynthesisSampler, num_workers: int) -> Iterator[Dict[str, Any]]:
     """In-process iteration for ``num_workers == 0`` (reproducible), else batchgenerators background workers."""
     if num_workers <= 0:
         return sampler
     from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+    sampler.trainer_pid = os.getpid()
     seeds = [sampler.seed + 1000 * (i + 1) for i in range(num_workers)]
     return NonDetMultiThreadedAugmenter(sampler, None, num_workers, num_cached=max(2, num_workers), seeds=seeds,
                                         pin_memory=torch.cuda.is_available())
