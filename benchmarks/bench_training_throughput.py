@@ -2,7 +2,8 @@
 
 Plans a small demo dataset for the CPU (and, when CUDA is available, for the GPU), then times
 ``--iters`` optimisation steps after ``--warmup`` steps with the engine's own ``train_step``
-(on CUDA: with the engine's AMP and torch.compile, the warm-up steps absorbing compilation).
+(on CUDA: with the plans' AMP, and torch.compile where the plans switch it on; the warm-up steps absorb
+compilation and cuDNN's first-call set-up).
 
     python benchmarks/bench_training_throughput.py [--work /tmp/nnsynth_bench_tp] [--iters 20]
     python benchmarks/bench_training_throughput.py --devices cuda -c 2d 3d    # GPU plans, both configurations

@@ -412,7 +412,7 @@ class MultiSequenceSampler(SynthesisSampler):
                 "has_label": torch.tensor(has_label), "available": torch.stack(avails), "cases": names}
 
 
-def exit_with_process(pid: int, interval_s: float = WORKER_PARENT_CHECK_S) -> threading.Thread:
+def exit_with_process(pid: int, interval_s: float = WORKER_PARENT_CHECK_S) -> Optional[threading.Thread]:
     """End this (worker) process once process ``pid`` is gone.
 
     batchgenerators' producers only stop on an abort event, which a SIGKILLed or OOM-killed trainer never sets:
@@ -421,6 +421,9 @@ def exit_with_process(pid: int, interval_s: float = WORKER_PARENT_CHECK_S) -> th
     one (forkserver, Python >= 3.14) asks the kernel whether ``pid`` still exists.
     """
     forked = os.getppid() == pid
+    if not forked and os.name == "nt":
+        # there os.kill(pid, 0) sends CTRL_C_EVENT instead of asking: no watch rather than a wrong one
+        return None
 
     def watch() -> None:
         while True:
