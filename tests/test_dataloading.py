@@ -1,6 +1,10 @@
 """Availability-aware sampling, patch geometry and the augmentation contract (spatial on both, intensity on input)."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -201,10 +205,6 @@ def test_background_workers_read_3d_patches_after_the_parent_did(tmp_path):
 
     Before CaseStore opened its arrays single-threaded, every worker of a 3d GPU run sat in a futex wait forever.
     """
-    import os
-    import signal
-    import subprocess
-    import sys
     tests_dir = str(Path(__file__).parent)
     proc = subprocess.Popen([sys.executable, "-c", _WORKER_SCRIPT, str(tmp_path / "pre"), tests_dir],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -434,9 +434,7 @@ def exit_with_process(pid: int, interval_s: float = WORKER_PARENT_CHECK_S) -> Op
                 try:
                     os.kill(pid, 0)
                     gone = False
-                except ProcessLookupError:
-                    gone = True
-                except PermissionError:  # the pid now belongs to another user's process
+                except (ProcessLookupError, PermissionError):  # PermissionError: the pid is another user's now
                     gone = True
             if gone:
                 os._exit(0)
