@@ -1,8 +1,6 @@
 """Availability-aware sampling, patch geometry and the augmentation contract (spatial on both, intensity on input)."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers_process import run_in_own_session
 from test_training_engine import make_preprocessed, tiny_plans
 from nnsynth.training.dataloading import (DEFAULT_AUGMENTATION, BiasFieldTransform, CaseStore, SynthesisSampler,
                                           build_augmentation, build_intensity_augmentation, fixed_validation_batches,
@@ -206,12 +205,8 @@ def test_background_workers_read_3d_patches_after_the_parent_did(tmp_path):
     Before CaseStore opened its arrays single-threaded, every worker of a 3d GPU run sat in a futex wait forever.
     """
     tests_dir = str(Path(__file__).parent)
-    proc = subprocess.Popen([sys.executable, "-c", _WORKER_SCRIPT, str(tmp_path / "pre"), tests_dir],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=120)
+        r = run_in_own_session([sys.executable, "-c", _WORKER_SCRIPT, str(tmp_path / "pre"), tests_dir], 120)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the workers too: they are in the same session
-        proc.communicate()
         pytest.fail("background workers delivered no batch within 120 s (blosc2 threads after fork)")
-    assert proc.returncode == 0 and "workers delivered" in out, out
+    assert r.returncode == 0 and "workers delivered" in r.stdout, r.stdout + r.stderr

@@ -22,6 +22,7 @@ import torch
 
 from helpers_data import tree_snapshot, write_tiny_dataset
 from helpers_model import trained  # noqa: F401  (fixture)
+from helpers_process import run_in_own_session
 from nnsynth.dataset.cases import parse_image_filename
 from nnsynth.dataset.io import read_image
 from nnsynth.training import checkpointing as ckpt
@@ -49,16 +50,7 @@ def run_child(module: str, argv: List[str], env: Dict[str, str], hook: str = "",
     """Run ``nnsynth.cli.{module}.cli(argv)`` in a fresh Python process with ``hook`` installed."""
     code = DRIVER.format(hook=textwrap.dedent(hook), module=module, argv=argv)
     cmd = (wrap or []) + [sys.executable, "-c", code]
-    # its own session, so a timeout can take the child's data-loading workers down with it
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=preexec, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_in_own_session(cmd, timeout, env=env, preexec_fn=preexec)
 
 
 def child_env(**folders: Path) -> Dict[str, str]:

@@ -412,7 +412,7 @@ class MultiSequenceSampler(SynthesisSampler):
                 "has_label": torch.tensor(has_label), "available": torch.stack(avails), "cases": names}
 
 
-def exit_with_process(pid: int, interval_s: float = WORKER_PARENT_CHECK_S) -> Optional[threading.Thread]:
+def exit_with_process(pid: int, interval_s: float = WORKER_PARENT_CHECK_S) -> None:
     """End this (worker) process once process ``pid`` is gone.
 
     batchgenerators' producers only stop on an abort event, which a SIGKILLed or OOM-killed trainer never sets:
@@ -423,7 +423,7 @@ def exit_with_process(pid: int, interval_s: float = WORKER_PARENT_CHECK_S) -> Op
     forked = os.getppid() == pid
     if not forked and os.name == "nt":
         # there os.kill(pid, 0) sends CTRL_C_EVENT instead of asking: no watch rather than a wrong one
-        return None
+        return
 
     def watch() -> None:
         while True:
@@ -439,9 +439,7 @@ def exit_with_process(pid: int, interval_s: float = WORKER_PARENT_CHECK_S) -> Op
             if gone:
                 os._exit(0)
 
-    thread = threading.Thread(target=watch, name="nnsynth-trainer-watch", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=watch, name="nnsynth-trainer-watch", daemon=True).start()
 
 
 def make_training_iterator(sampler: SynthesisSampler, num_workers: int) -> Iterator[Dict[str, Any]]:
