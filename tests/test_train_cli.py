@@ -50,9 +50,19 @@ def test_train_cli_end_to_end(env_vars):
     summary = load_json(fold / "validation" / "summary.json")
     assert summary["per_case"] and summary["mean"]["psnr"] > 0
     assert torch.load(fold / "checkpoint_final.pth", weights_only=False)["epoch"] == 2
+    # the quantile calibration comes from the same validation: one entry per target it predicted twice or more
+    calibration = load_json(fold / "calibration.json")
+    predicted = {r["target"] for r in summary["per_case"]}
+    assert calibration["per_target"] and set(calibration["per_target"]) <= predicted
+    assert "fold 0" in calibration["source"]
+    for target, entry in calibration["per_target"].items():
+        assert entry["images"] == sum(r["target"] == target for r in summary["per_case"])
+        assert len(entry["offsets"]) == len(calibration["percentiles"])
     (fold / "validation" / "summary.json").unlink()
+    (fold / "calibration.json").unlink()
     assert cli(["991", "seq2seq", "0", "--device", "cpu", "--val-only"]) == 0   # re-creates the summary
     assert (fold / "validation" / "summary.json").is_file()
+    assert load_json(fold / "calibration.json") == calibration                  # same weights, same calibration
 
 
 def test_train_cli_errors(env_vars, caplog):

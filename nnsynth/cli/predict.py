@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-size", type=float, default=0.5,
                    help="sliding-window step as a fraction of the patch size (default: 0.5)")
     p.add_argument("--tta", action="store_true", help="test-time mirroring (slower, slightly smoother)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="skip the model's quantile calibration (the raw network output; see documentation/prediction.md)")
     p.add_argument("--save-maps", action="store_true",
                    help="also write per-case explanations into OUT/maps/ (imaging-differentiation maps; TSEM and "
                         "contribution weights for trainers that provide them)")
@@ -68,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
         folder = find_model_folder(args.dataset, args.trainer, args.configuration, args.plans,
                                    args.checkpoint).path
     predictor = Predictor(folder, args.folds, args.checkpoint, args.device, args.step_size, args.tta,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, calibrate=not args.no_calibration)
     report = predict_folder(predictor, args.input, args.output, args.target, save_maps=args.save_maps,
                             continue_prediction=args.continue_prediction, num_parts=args.num_parts,
                             part_id=args.part_id, num_workers=max(0, args.num_processes))

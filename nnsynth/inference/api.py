@@ -39,8 +39,10 @@ class SynthesisModel:
 
     def __init__(self, model_folder: PathLike, folds: Optional[Sequence[Union[int, str]]] = None,
                  checkpoint: str = "final", device: Union[str, torch.device] = "auto",
-                 step_size: float = DEFAULT_STEP_SIZE, tta: bool = False, progress: bool = False) -> None:
-        self.predictor = Predictor(model_folder, folds, checkpoint, device, step_size, tta, progress=progress)
+                 step_size: float = DEFAULT_STEP_SIZE, tta: bool = False, progress: bool = False,
+                 calibrate: bool = True) -> None:
+        self.predictor = Predictor(model_folder, folds, checkpoint, device, step_size, tta, progress=progress,
+                                   calibrate=calibrate)
 
     @classmethod
     def from_results(cls, dataset: Optional[Union[str, int]] = None, trainer: Optional[str] = None,

@@ -37,6 +37,7 @@ from nnsynth.dataset.cases import image_filename, parse_image_filename
 from nnsynth.dataset.dataset_json import DatasetSpec, parse_dataset_json_dict
 from nnsynth.dataset.io import Geometry, read_image, write_image
 from nnsynth.exceptions import DatasetFormatError, NnsynthError, OutputWriteError
+from nnsynth.inference.calibration import apply_calibration, load_offsets
 from nnsynth.inference.sliding_window import (DEFAULT_STEP_SIZE, PREDICTION_KEY, sliding_window_predict,
                                               with_mirroring)
 from nnsynth.utils.files import describe_write_error, load_json, save_json
@@ -227,7 +228,7 @@ class Predictor:
     def __init__(self, model_folder: PathLike, folds: Optional[Sequence[Union[int, str]]] = None,
                  checkpoint: str = "final", device: Union[str, torch.device] = "auto",
                  step_size: float = DEFAULT_STEP_SIZE, tta: bool = False, window_batch: Optional[int] = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, calibrate: bool = True) -> None:
         self.model = parse_model_folder(model_folder)
         if checkpoint not in CHECKPOINT_FILES:
             raise NnsynthError(f"checkpoint must be one of {', '.join(CHECKPOINT_FILES)}, got {checkpoint!r}")
@@ -267,8 +268,12 @@ class Predictor:
         self.adapters = [load_adapter(self.model, f, checkpoint, self.device, self.plans) for f in wanted]
         self.min_sources = max(int(getattr(a, "min_sources", 1)) for a in self.adapters)
         self.rule = multi_source_rule(self.adapters[0])
-        logger.info("Model %s, fold(s) %s, %s checkpoint, device %s%s; several sources: %s", self.model,
-                    ", ".join(wanted), checkpoint, self.device, ", mirroring TTA" if tta else "", self.rule)
+        # the folds' quantile calibration (nnsynth.inference.calibration): {target name: offsets}
+        self.calibration = load_offsets([self.model.path / f"fold_{f}" for f in wanted]) if calibrate else {}
+        logger.info("Model %s, fold(s) %s, %s checkpoint, device %s%s; several sources: %s; quantile calibration: %s",
+                    self.model, ", ".join(wanted), checkpoint, self.device, ", mirroring TTA" if tta else "",
+                    self.rule, ", ".join(self.calibration) if self.calibration else
+                    ("off" if not calibrate else "none in the model folder"))
 
     # ----- helpers ----------------------------------------------------------------------------------------
     def sequence_index(self, name: str) -> int:
@@ -311,11 +316,14 @@ class Predictor:
 
     @torch.no_grad()
     def predict_preprocessed(self, data: np.ndarray, seg: np.ndarray, sources: Sequence[int], target: int,
-                             with_maps: bool = False, desc: Optional[str] = None) -> Dict[str, np.ndarray]:
+                             with_maps: bool = False, desc: Optional[str] = None, calibrate: bool = False
+                             ) -> Dict[str, np.ndarray]:
         """Fold-averaged synthesis of ``target`` from ``sources`` in the preprocessed space (Z, Y, X).
 
         ``data`` (C, Z, Y, X) and ``seg`` (1, Z, Y, X) as returned by preprocessing; the prediction is clipped
-        to [0, 1] and set to 0 outside the case's nonzero mask (the normalised space's background)."""
+        to [0, 1] and set to 0 outside the case's nonzero mask (the normalised space's background).
+        ``calibrate``: apply the model's quantile calibration of ``target`` where it has one (imputation does;
+        analyses that compare raw synthesis errors, such as the differentiation maps, do not)."""
         if len(sources) < self.min_sources:
             raise CaseError(f"{len(sources)} source(s) given, the model needs at least {self.min_sources}")
         for a in self.adapters:
@@ -336,6 +344,9 @@ class Predictor:
         for name in total:
             total[name] /= len(self.adapters)
             total[name][~mask] = 0
+        offsets = self.calibration.get(self.sequences[int(target)]) if calibrate else None
+        if offsets is not None:
+            total[PREDICTION_KEY] = apply_calibration(total[PREDICTION_KEY], mask, offsets)
         np.clip(total[PREDICTION_KEY], 0.0, 1.0, out=total[PREDICTION_KEY])
         return total
 
@@ -398,7 +409,7 @@ class Predictor:
         del by_index
         for t in todo:
             out = self.predict_preprocessed(data, seg, available, t, with_maps=save_maps,
-                                            desc=f"{case} -> {self.sequences[t]}")
+                                            desc=f"{case} -> {self.sequences[t]}", calibrate=True)
             result.predictions[self.sequences[t]] = self.export(out.pop(PREDICTION_KEY), props)
             result.sources[self.sequences[t]] = [self.sequences[s] for s in available]
             for name, m in out.items():
@@ -549,6 +560,7 @@ def predict_folder(predictor: Predictor, input_folder: PathLike, output_folder: 
             record = {}
     record.setdefault("model", str(predictor.model.path))
     record.update({"folds": predictor.folds, "checkpoint": predictor.checkpoint, "multi_source_rule": predictor.rule,
+                   "calibrated_targets": sorted(predictor.calibration),
                    "channel_names": {str(k): v for k, v in spec.channel_names.items()},
                    "file_ending": spec.file_ending, "intensity_space": "normalised (see documentation/prediction.md)"})
     record.setdefault("cases", {})

@@ -23,6 +23,7 @@ from torch import nn
 
 from nnsynth.constants import DATASET_JSON, FINGERPRINT_JSON
 from nnsynth.exceptions import NnsynthError, PlansError
+from nnsynth.inference.calibration import CalibrationCollector, save_calibration
 from nnsynth.preprocessing.storage import list_cases, load_case
 from nnsynth.training import checkpointing as ckpt
 from nnsynth.training import distributed as dist_utils
@@ -46,7 +47,8 @@ TRAINING_DEFAULTS: Dict[str, Any] = {
 VALIDATION_SEED = 4242         # the fixed validation patches are drawn from this seed, the same every epoch
 PREVIEW_EVERY_EPOCHS = 5       # validation preview PNGs in the fold folder every this many epochs
 PREVIEW_ROWS = 4
-FULL_VOLUME_SLICE_BATCH = 8    # slices per forward pass in the full-volume validation
+FULL_VOLUME_SLICE_BATCH = 8    # slices per forward pass of CodeBrain's own full-volume synthesis
+FULL_VOLUME_WINDOW_BATCH = 8   # sliding windows per forward pass in the full-volume validation
 UNUSED_BUDGET_NOTE_S = 60.0    # a --max-minutes run that ends its planned epochs this much early says so
 
 
@@ -440,51 +442,34 @@ class TrainingEngine:
     # ===== full-volume synthesis and the final validation ==================================================
     @torch.no_grad()
     def synthesize_volume(self, data: np.ndarray, sources: Sequence[int], target: int) -> np.ndarray:
-        """Synthesise ``target`` (Z, Y, X) of a preprocessed case ``data`` (C, Z, Y, X) from ``sources``."""
+        """Synthesise ``target`` (Z, Y, X) of a preprocessed case ``data`` (C, Z, Y, X) from ``sources``, the way
+        ``nnsynth_predict`` does (its sliding window, step size and Gaussian blending; 2.5D: every slice from the
+        k stacks that hold it), so the validation scores, and the calibration learned from them, are those of
+        what prediction outputs."""
+        from nnsynth.inference.sliding_window import DEFAULT_STEP_SIZE, PREDICTION_KEY, sliding_window_predict
         self.network.eval()
-        z_len = data.shape[1]
-        out = np.zeros(data.shape[1:], np.float32)
-        if self.spatial_dims == 2:
-            k, h = self.num_adjacent_slices, self.num_adjacent_slices // 2
-            for z0 in range(0, z_len, FULL_VOLUME_SLICE_BATCH):
-                zs = np.arange(z0, min(z0 + FULL_VOLUME_SLICE_BATCH, z_len))
-                idx = np.clip(zs[:, None] + np.arange(-h, k - h)[None], 0, z_len - 1)  # (B, k)
-                stacks = {s: torch.from_numpy(data[s][idx]).float().to(self.device) for s in sources}
-                pred = self.synthesize_slices(stacks, target).float().clamp(0, 1)
-                out[zs] = pred[:, h].cpu().numpy()
-        else:  # whole patch-size tiles (the inference stage does proper sliding windows)
-            patch = [int(p) for p in self.config["patch_size"]]
-            shape = data.shape[1:]
-            # a volume smaller than the patch is zero-padded (as in training); the last tile along an axis is
-            # shifted back so that every tile is a full patch (a 1-voxel edge tile breaks reflect padding)
-            padded = [max(s, p) for s, p in zip(shape, patch)]
-            pad = [(0, ps - s) for ps, s in zip(padded, shape)]
-            acc = np.zeros(padded, np.float32)
-            for lo in np.ndindex(*[int(math.ceil(ps / p)) for ps, p in zip(padded, patch)]):
-                box = tuple(slice(min(i * p, ps - p), min(i * p, ps - p) + p) for i, p, ps in zip(lo, patch, padded))
-                vol = {s: torch.from_numpy(np.ascontiguousarray(np.pad(data[s], pad)[box][None, None])).float()
-                       .to(self.device) for s in sources}
-                acc[box] = self.synthesize_slices(vol, target).float().clamp(0, 1)[0, 0].cpu().numpy()
-            out[...] = acc[tuple(slice(0, s) for s in shape)]
-        return out
+        volumes = {int(s): np.ascontiguousarray(data[s], dtype=np.float32) for s in sources}
+
+        def predict(inp: Dict[int, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+                return {PREDICTION_KEY: self.synthesize_slices(inp, target).float()}
+        out = sliding_window_predict(volumes, predict, self.spatial_dims, [int(p) for p in self.config["patch_size"]],
+                                     getattr(self, "num_adjacent_slices", 1), DEFAULT_STEP_SIZE, self.device,
+                                     FULL_VOLUME_WINDOW_BATCH)[PREDICTION_KEY]
+        return np.clip(out, 0.0, 1.0)
 
     def final_validation(self) -> Optional[Dict[str, Any]]:
         """Every available target of every validation case from all its other available sequences, full volume.
 
-        Uses ``nnsynth.inference.validation.run_fold_validation(trainer)`` once the inference stage provides it;
-        until then the engine's own slice-by-slice synthesis in the preprocessed space."""
+        Synthesis as ``nnsynth_predict`` runs it (``synthesize_volume``) in the preprocessed space; writes
+        ``validation/summary.json`` and the quantile calibration ``calibration.json``."""
         if not self.is_main:
             dist_utils.barrier()
             return None
-        try:
-            from nnsynth.inference.validation import run_fold_validation  # type: ignore
-        except ImportError:
-            run_fold_validation = None
-        if run_fold_validation is not None:
-            summary = run_fold_validation(self)
-        else:
-            summary = self._own_full_volume_validation()
+        calibration = CalibrationCollector()
+        summary = self._own_full_volume_validation(calibration)
         save_json(summary, self.fold_folder / "validation" / "summary.json")
+        self._save_calibration(calibration)
         logger.info("Full-volume validation: mean PSNR %.2f dB, SSIM %.4f, MAE %.4f over %d predictions -> %s",
                     summary["mean"].get("psnr", float("nan")), summary["mean"].get("ssim", float("nan")),
                     summary["mean"].get("mae", float("nan")), len(summary["per_case"]),
@@ -492,7 +477,17 @@ class TrainingEngine:
         dist_utils.barrier()
         return summary
 
-    def _own_full_volume_validation(self) -> Dict[str, Any]:
+    def _save_calibration(self, calibration: CalibrationCollector) -> None:
+        """``calibration.json`` from the full-volume validation (nnsynth.inference.calibration): what the
+        predictor corrects in the histogram shape of every synthesis."""
+        source = ("the training cases (fold all validates on them)" if self.fold == "all"
+                  else f"the {len(self.val_cases)} validation cases of fold {self.fold}")
+        content = calibration.result(source)
+        path = save_calibration(content, self.fold_folder)
+        if content["per_target"]:
+            logger.info("Quantile calibration of %s from %s -> %s", ", ".join(content["per_target"]), source, path)
+
+    def _own_full_volume_validation(self, calibration: Optional[CalibrationCollector] = None) -> Dict[str, Any]:
         from nnsynth.evaluation.metrics import compute_metrics
         per_case = []
         for case in self.val_cases:
@@ -504,6 +499,8 @@ class TrainingEngine:
                     continue
                 pred = self.synthesize_volume(data, sources, t)
                 m = compute_metrics(data[t], pred, seg[0] >= 0, compute_lpips=False)
+                if calibration is not None:
+                    calibration.add(self.sequences[t], pred, data[t], seg[0] >= 0)
                 per_case.append({"case": case, "target": self.sequences[t],
                                  "sources": [self.sequences[s] for s in sources],
                                  **{k: float(m[k]) for k in ("psnr", "ssim", "mae") if k in m}})
@@ -519,7 +516,8 @@ class TrainingEngine:
                 "mean": mean, "per_target": per_target, "per_case": per_case}
 
     def full_volume_method(self) -> str:
-        return "slice-by-slice" if self.spatial_dims == 2 else "whole volume"
+        return "sliding window as nnsynth_predict (2.5D stacks)" if self.spatial_dims == 2 else \
+            "sliding window as nnsynth_predict (3D patches)"
 
     # ===== checkpoints =====================================================================================
     def checkpoint_state(self) -> Dict[str, Any]:
