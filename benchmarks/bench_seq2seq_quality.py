@@ -2,7 +2,8 @@
 
 demo dataset -> nnsynth_plan_and_preprocess (2d, or 3d with ``-c 3d``) -> nnsynth_train seq2seq FOLD
 --max-minutes M (CPU by default)
--> nnsynth_predict Flair from T1+T1Gd+T2 of the held-out test cases (imagesTs_truth, Flair withheld)
+-> nnsynth_predict Flair from T1+T1Gd+T2 of the held-out test cases (imagesTs_truth, Flair withheld), and
+   again with --no-calibration (the raw network output, ``seq2seq_uncalibrated``)
 -> CONTRACT.md section 5 metrics next to ``intensity_lookup_baseline.py`` on the same cases (run with both
 normalisation schemes; the gain is against the better one).
 Target (issue 4): >= 5 dB PSNR above the baseline after --max-minutes 20 on 2 CPU cores.
@@ -126,13 +127,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             src = truth / f"{case}_{ids[s]}{ending}"
             if src.is_file():
                 shutil.copyfile(src, inp / src.name)
-    t = time.time()
-    rc = predict_cli(["-i", str(inp), "-o", str(out), "-t", a.target, "-d", str(a.dataset_id), "-tr", "seq2seq",
-                      "-c", a.configuration, "-f", a.fold, "--device", a.device, "--no-progress"])
-    timings["predict_s"] = time.time() - t
-    if rc != 0:
-        return 1
+    raw_out = a.work / "predict_out_uncalibrated"
+    shutil.rmtree(raw_out, ignore_errors=True)
+    for folder, extra in ((out, []), (raw_out, ["--no-calibration"])):
+        t = time.time()
+        rc = predict_cli(["-i", str(inp), "-o", str(folder), "-t", a.target, "-d", str(a.dataset_id), "-tr",
+                          "seq2seq", "-c", a.configuration, "-f", a.fold, "--device", a.device, "--no-progress",
+                          *extra])
+        timings["predict_s" if not extra else "predict_uncalibrated_s"] = time.time() - t
+        if rc != 0:
+            return 1
     per_case, model = score_predictions(truth, out, cases, f"_{ids[a.target]}{ending}")
+    # the same model's raw network output (nnsynth_predict --no-calibration): what the calibration adds
+    _, uncalibrated = score_predictions(truth, raw_out, cases, f"_{ids[a.target]}{ending}")
     diagnostics = calibration_diagnostics(truth, out, cases, f"_{ids[a.target]}{ending}")
     # the issue's baseline (per-image percentiles) and the same lookup on nnsynth's median-anchor normalisation;
     # the gain is reported against the stronger of the two
@@ -143,12 +150,14 @@ def main(argv: Optional[List[str]] = None) -> int:
               "overwrite": list(a.overwrite), "training_cases": _training_cases(raw),
               "configuration": a.configuration, "fold": a.fold, "threads": __import__("torch").get_num_threads(),
               "test_cases": len(cases),
-              "seq2seq": model, "baseline": base["mean"], "baseline_normalization": base["normalization"],
+              "seq2seq": model, "seq2seq_uncalibrated": uncalibrated, "baseline": base["mean"],
+              "baseline_normalization": base["normalization"],
               "baselines": {n: b["mean"] for n, b in bases.items()},
               "psnr_gain_db": model["psnr"] - base["mean"]["psnr"], "calibration": diagnostics,
               "target_gain_db": 5.0, "timings": timings, "per_case": per_case, "baseline_per_case": base["per_case"]}
     (a.work / "bench_seq2seq_quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    sys.stdout.write(json.dumps({k: result[k] for k in ("seq2seq", "baselines", "psnr_gain_db", "calibration",
+    sys.stdout.write(json.dumps({k: result[k] for k in ("seq2seq", "seq2seq_uncalibrated", "baselines",
+                                                        "psnr_gain_db", "calibration",
                                                         "test_cases",
                                                         "timings")}, indent=2) + "\n")
     return 0
