@@ -52,11 +52,15 @@ def _knots(values: np.ndarray) -> Optional[Tuple[np.ndarray, float, float]]:
     return q, lo, hi
 
 
-def _basis(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
-    """(N, K) hat functions of the piecewise-linear map at ``knots`` (ties broken so the knots increase)."""
+def _increasing(knots: np.ndarray) -> np.ndarray:
+    """The knots with ties broken (np.interp needs increasing x); a plateau of the image keeps one value."""
     span = max(float(knots[-1] - knots[0]), 1e-12)
-    k = knots + np.arange(len(knots)) * 1e-9 * span
-    eye = np.eye(len(k))
+    return knots + np.arange(len(knots)) * 1e-9 * span
+
+
+def _basis(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """(N, K) hat functions of the piecewise-linear map at ``knots``: the map is ``_basis(x, knots) @ values``."""
+    k, eye = _increasing(knots), np.eye(len(knots))
     return np.stack([np.interp(x, k, eye[i]) for i in range(len(k))], axis=1)
 
 
@@ -151,7 +155,7 @@ def apply_calibration(image: np.ndarray, mask: np.ndarray, offsets: np.ndarray) 
     q, lo, hi = knots
     # monotone (the voxels' order is kept) and inside the anchors, which stay where they are
     moved = np.maximum.accumulate(np.clip(q + offsets * (hi - lo), lo, hi))
-    mapped = _basis(values, q) @ moved
+    mapped = np.interp(values, _increasing(q), moved)          # = _basis(values, q) @ moved, in O(N) memory
     below, above = values < q[0], values > q[-1]
     mapped[below] = values[below] + (moved[0] - q[0])
     mapped[above] = values[above] + (moved[-1] - q[-1])
