@@ -47,7 +47,6 @@ TRAINING_DEFAULTS: Dict[str, Any] = {
 VALIDATION_SEED = 4242         # the fixed validation patches are drawn from this seed, the same every epoch
 PREVIEW_EVERY_EPOCHS = 5       # validation preview PNGs in the fold folder every this many epochs
 PREVIEW_ROWS = 4
-FULL_VOLUME_SLICE_BATCH = 8    # slices per forward pass of CodeBrain's own full-volume synthesis
 FULL_VOLUME_WINDOW_BATCH = 8   # sliding windows per forward pass in the full-volume validation
 UNUSED_BUDGET_NOTE_S = 60.0    # a --max-minutes run that ends its planned epochs this much early says so
 
@@ -492,15 +491,16 @@ class TrainingEngine:
         per_case = []
         for case in self.val_cases:
             data, seg, props = load_case(self.data_folder, case)
+            mask = seg[0] >= 0
             available = [i for i, a in enumerate(props["available"]) if a]
             for t in available:
                 sources = [s for s in available if s != t]
                 if not sources:
                     continue
                 pred = self.synthesize_volume(data, sources, t)
-                m = compute_metrics(data[t], pred, seg[0] >= 0, compute_lpips=False)
+                m = compute_metrics(data[t], pred, mask, compute_lpips=False)
                 if calibration is not None:
-                    calibration.add(self.sequences[t], pred, data[t], seg[0] >= 0)
+                    calibration.add(self.sequences[t], pred, data[t], mask)
                 per_case.append({"case": case, "target": self.sequences[t],
                                  "sources": [self.sequences[s] for s in sources],
                                  **{k: float(m[k]) for k in ("psnr", "ssim", "mae") if k in m}})
@@ -516,8 +516,7 @@ class TrainingEngine:
                 "mean": mean, "per_target": per_target, "per_case": per_case}
 
     def full_volume_method(self) -> str:
-        return "sliding window as nnsynth_predict (2.5D stacks)" if self.spatial_dims == 2 else \
-            "sliding window as nnsynth_predict (3D patches)"
+        return f"sliding window as nnsynth_predict ({'2.5D stacks' if self.spatial_dims == 2 else '3D patches'})"
 
     # ===== checkpoints =====================================================================================
     def checkpoint_state(self) -> Dict[str, Any]:

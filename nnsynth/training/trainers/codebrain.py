@@ -35,7 +35,7 @@ from nnsynth.losses.codebrain import (SequencePatchDiscriminator, grading_loss, 
                                       lsgan_generator_loss, weighted_psnr_loss)
 from nnsynth.training import checkpointing as ckpt
 from nnsynth.training.dataloading import SynthesisSampler, build_augmentation, without_source_brightness
-from nnsynth.training.engine import FULL_VOLUME_SLICE_BATCH, TrainingEngine
+from nnsynth.training.engine import TrainingEngine
 from nnsynth.utils.files import save_json
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ STAGE1_FOLDER = "stage1"
 CODE_STATS_FILE = "code_stats.json"
 DISCRIMINATOR_BETAS = (0.5, 0.999)
 PREVIEW_ROWS = 3             # validation samples in the preview PNGs (one hidden sequence each)
+FULL_VOLUME_SLICE_BATCH = 8  # slices per forward pass of the one-pass full-volume imputation
 
 
 # ===== data: whole channel stacks with a random visibility mask ============================================
