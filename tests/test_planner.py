@@ -151,6 +151,19 @@ def test_cpu_plan_is_smaller_than_gpu_plan_and_within_time_budget():
     assert cpu["compute"] == {"device": "cpu", "memory_gb": 8.0}
 
 
+def test_cpu_batch_stops_at_four_where_the_compute_budget_would_buy_more():
+    """A CPU step costs the same per sample at any batch, so small images get more updates, not a bigger batch
+    (benchmarks.md, twentieth session); a GPU plan of the same data still fills its memory."""
+    demo_like = dict(spacing=(2.0, 2.0, 2.0), shape=(80, 95, 75))   # the demo at 2 mm: the budget buys batch 7
+    cpu = plan(**demo_like)["configurations"]["2d"]
+    assert cpu["patch_size"] == [96, 80] and cpu["batch_size"] == 4
+    ref = dict(cpu["network"], **{k: CPU_REFERENCE[k] for k in ("encoder_channels", "num_res_blocks",
+                                                                "num_hyper_res_blocks")})
+    budget = iteration_cost(CPU_REFERENCE["patch_size"], ref, 3)[0] * CPU_REFERENCE["batch_size"]
+    assert iteration_cost(cpu["patch_size"], cpu["network"], cpu["num_adjacent_slices"])[0] * 5 <= budget
+    assert plan(device="cuda", memory_gb=24.0, **demo_like)["configurations"]["2d"]["batch_size"] > 4
+
+
 def test_memory_budget_limits_gpu_batch():
     small = plan(device="cuda", memory_gb=2.0)["configurations"]["3d"]
     big = plan(device="cuda", memory_gb=40.0)["configurations"]["3d"]
