@@ -26,6 +26,12 @@ def plan(fp=None, device="cpu", memory_gb=8.0, **kw):
     return DefaultPlanner(fp or make_fp(**kw), "Dataset999_T", device=device, memory_gb=memory_gb).plan()
 
 
+def cpu_budget(network):
+    """Multiply-adds of one CPU_REFERENCE iteration with the plan's other network settings (the CPU budget)."""
+    ref = dict(network, **{k: CPU_REFERENCE[k] for k in ("encoder_channels", "num_res_blocks", "num_hyper_res_blocks")})
+    return iteration_cost(CPU_REFERENCE["patch_size"], ref, 3)[0] * CPU_REFERENCE["batch_size"]
+
+
 @pytest.mark.parametrize("n,latent,fsq_d", [(2, 3, 12), (3, 3, 9), (4, 3, 7), (6, 4, 5)])
 def test_sequence_count_rules(n, latent, fsq_d):
     p = plan(n_seq=n)
@@ -144,10 +150,8 @@ def test_cpu_plan_is_smaller_than_gpu_plan_and_within_time_budget():
         assert (g["training"]["num_epochs"], g["training"]["iters_per_epoch"]) == (1000, 250)
         assert (c["training"]["warmup_iters"], g["training"]["warmup_iters"]) == (100, 1000)
     c = cpu["configurations"]["2d"]
-    ref = dict(c["network"], **{k: CPU_REFERENCE[k] for k in ("encoder_channels", "num_res_blocks",
-                                                              "num_hyper_res_blocks")})
-    budget = iteration_cost(CPU_REFERENCE["patch_size"], ref, 3)[0] * CPU_REFERENCE["batch_size"]
-    assert iteration_cost(c["patch_size"], c["network"], c["num_adjacent_slices"])[0] * c["batch_size"] <= budget
+    assert iteration_cost(c["patch_size"], c["network"], c["num_adjacent_slices"])[0] * c["batch_size"] \
+        <= cpu_budget(c["network"])
     assert cpu["compute"] == {"device": "cpu", "memory_gb": 8.0}
 
 
@@ -157,10 +161,8 @@ def test_cpu_batch_stops_at_four_where_the_compute_budget_would_buy_more():
     demo_like = dict(spacing=(2.0, 2.0, 2.0), shape=(80, 95, 75))   # the demo at 2 mm: the budget buys batch 7
     cpu = plan(**demo_like)["configurations"]["2d"]
     assert cpu["patch_size"] == [96, 80] and cpu["batch_size"] == 4
-    ref = dict(cpu["network"], **{k: CPU_REFERENCE[k] for k in ("encoder_channels", "num_res_blocks",
-                                                                "num_hyper_res_blocks")})
-    budget = iteration_cost(CPU_REFERENCE["patch_size"], ref, 3)[0] * CPU_REFERENCE["batch_size"]
-    assert iteration_cost(cpu["patch_size"], cpu["network"], cpu["num_adjacent_slices"])[0] * 5 <= budget
+    assert iteration_cost(cpu["patch_size"], cpu["network"], cpu["num_adjacent_slices"])[0] * 5 \
+        <= cpu_budget(cpu["network"])
     assert plan(device="cuda", memory_gb=24.0, **demo_like)["configurations"]["2d"]["batch_size"] > 4
 
 
