@@ -56,8 +56,8 @@ MAX_PATCH_EDGE = {("cpu", 2): 128, ("cpu", 3): 96, ("cuda", 2): 256, ("cuda", 3)
 #: CPU runs are time-bound and a CPU training step costs about the same per sample at any batch (inside
 #: nnsynth_train on 2 cores, 45-46 ms per sample at batch 4 and 7), so a larger batch only buys fewer updates in
 #: the same minutes: the CPU 2d batch stops at 4.
-#: Demo, fold all, 20 minutes (documentation/benchmarks.md): batch 4 22.94 and 23.12 dB against 22.44 (batch 7)
-#: and 22.54 (batch 2, 58 ms per sample)
+#: Demo, fold all, 20 minutes (documentation/benchmarks.md): batch 4 22.94 and 23.12 dB against 22.44 and 22.62
+#: (batch 7) and 22.54 (batch 2, 58 ms per sample)
 MAX_BATCH_SIZE = {("cpu", 2): 4, ("cpu", 3): 2, ("cuda", 2): 16, ("cuda", 3): 4}
 MIN_BATCH_SIZE = 2
 #: at most this fraction of the dataset's voxels in one batch (nnU-Net)
