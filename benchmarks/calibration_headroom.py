@@ -10,7 +10,7 @@ oracle, a better calibration cannot close a gap; only a better model can.
 
 Reads a ``bench_seq2seq_quality.py`` work folder (it keeps ``predict_out_uncalibrated`` and the model):
 
-    python benchmarks/calibration_headroom.py --work /tmp/s20/base [--target Flair] [--json out.json]
+    python benchmarks/calibration_headroom.py --work /tmp/s20/base [--fold all] [--target Flair] [--json out.json]
 """
 from __future__ import annotations
 
@@ -55,11 +55,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="a bench_seq2seq_quality.py --work folder")
     p.add_argument("--target", default="Flair")
+    p.add_argument("--fold", default="all", help="the fold the work folder's predictions came from (its --fold)")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     raws = sorted((a.work / "raw").glob("Dataset*"))
-    folds = sorted((a.work / "results").glob("Dataset*/*/fold_*"))
+    # only the model bench_seq2seq_quality.py predicted with: a reused work folder may hold other folds
+    folds = sorted((a.work / "results").glob(f"Dataset*/seq2seq__*/fold_{a.fold}"))
     predictions = a.work / "predict_out_uncalibrated"
     if not raws or not folds or not predictions.is_dir():
         raise SystemExit(f"{a.work} is not a finished bench_seq2seq_quality.py work folder")
