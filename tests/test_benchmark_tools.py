@@ -77,3 +77,19 @@ def test_diagnosis_finds_a_dim_lesion_and_the_stretch_it_causes(tmp_path):
     assert mean["class_ratio"]["2"] == pytest.approx(d["classes"]["2"]["ratio"])
     no_labels = diagnose_intensity.run(tmp_path / "truth", [tmp_path / "dim"])
     assert no_labels["folders"][str(tmp_path / "dim")]["per_image"][0]["classes"] == {}
+
+
+def test_training_step_profile_splits_data_from_step_and_names_the_convolutions(tmp_path):
+    import profile_training_step
+    from test_training_engine import make_preprocessed
+
+    pre = make_preprocessed(tmp_path / "pre", n_cases=4)
+    res = profile_training_step.profile(pre / "nnsynthPlans.json", "seq2seq", "2d", "0", steps=3, warmup=1,
+                                        profile_steps=2)
+    assert res["load_ms"] > 0 and res["step_ms"] > res["load_ms"]
+    assert set(res["epoch_work_s"]) == {"validation_s", "progress_png_s", "checkpoint_s", "preview_png_s"}
+    assert all(v > 0 for v in res["epoch_work_s"].values())
+    convs = res["profile"]["convolutions_ms_per_step"]
+    assert any(k.startswith("forward") for k in convs) and any(k.startswith("backward") for k in convs)
+    # the convolutions are part of, and at most, the operator time of a step
+    assert 0 < sum(convs.values()) <= res["profile"]["self_cpu_ms_per_step"]
