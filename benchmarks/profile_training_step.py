@@ -44,7 +44,6 @@ def profile(plans_path: Path, trainer_name: str, configuration: str, fold: str, 
     with tempfile.TemporaryDirectory(prefix="nnsynth_profile_") as tmp:
         trainer = get_trainer(trainer_name)(plans, configuration, fold, plans_path.parent, Path(tmp), "cpu")
         trainer.initialize()
-        trainer._snapshot = None  # what run_training sets before the first epoch; checkpoints read it
         trainer.fold_folder.mkdir(parents=True, exist_ok=True)
         trainer.train_network.train()
 
@@ -77,29 +76,28 @@ def profile(plans_path: Path, trainer_name: str, configuration: str, fold: str, 
             for batch in batches:
                 trainer.train_step(batch)
 
-    per_step = 1000.0 / max(1, profile_steps)
-    ops = Counter()
-    for event in prof.key_averages():
-        ops[event.key] += event.self_cpu_time_total
-    convs = Counter()
-    calls: Dict[str, int] = {}
+    n = max(1, profile_steps)
+
+    def ms_per_step(microseconds: float) -> float:
+        return microseconds / 1000.0 / n
+
+    ops = Counter({e.key: e.self_cpu_time_total for e in prof.key_averages()})
+    convs, calls = Counter(), Counter()
     for event in prof.key_averages(group_by_input_shape=True):
-        if event.key in ("aten::mkldnn_convolution", "aten::convolution_backward"):
-            kind = "forward" if event.key == "aten::mkldnn_convolution" else "backward"
+        kind = {"aten::mkldnn_convolution": "forward", "aten::convolution_backward": "backward"}.get(event.key)
+        if kind:
             key = f"{kind} {event.input_shapes[:2]}"
             convs[key] += event.self_cpu_time_total
-            calls[key] = event.count // max(1, profile_steps)
-    total_self = sum(ops.values())
+            calls[key] += event.count
     return {
         "trainer": trainer_name, "configuration": configuration, "threads": torch.get_num_threads(),
         "batch_size": int(plans["configurations"][configuration].get("batch_size", 0)),
         "steps": steps, "load_ms": 1000.0 * load_s / steps, "step_ms": 1000.0 * step_s / steps,
         "epoch_work_s": epoch_work,
         "profile": {
-            "self_cpu_ms_per_step": total_self / 1000.0 * per_step / 1000.0,
-            "top_ops_ms_per_step": {k: v / 1000.0 * per_step / 1000.0 for k, v in ops.most_common(12)},
-            "convolutions_ms_per_step": {f"{k} x{calls[k]}": v / 1000.0 * per_step / 1000.0
-                                         for k, v in convs.most_common(12)},
+            "self_cpu_ms_per_step": ms_per_step(sum(ops.values())),
+            "top_ops_ms_per_step": {k: ms_per_step(v) for k, v in ops.most_common(12)},
+            "convolutions_ms_per_step": {f"{k} x{calls[k] // n}": ms_per_step(v) for k, v in convs.most_common(12)},
         },
     }
 

@@ -92,6 +92,9 @@ class TrainingEngine:
         self.logs: Dict[str, List[float]] = {k: [] for k in ("train_loss", "val_psnr", "val_ssim", "lr", "epoch_time")}
         self.epoch, self.iteration_in_epoch, self.best_psnr = 0, 0, -math.inf
         self._epoch_loss = [0.0, 0]
+        # (iteration, RNG, sampler, loss sums) taken before each step, so a checkpoint written mid-step (Ctrl-C)
+        # resumes at that step; None between steps
+        self._snapshot: Optional[tuple] = None
         self._log_handler: Optional[logging.Handler] = None
         self.was_initialized = False
 
