@@ -210,3 +210,55 @@ def test_background_workers_read_3d_patches_after_the_parent_did(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("background workers delivered no batch within 120 s (blosc2 threads after fork)")
     assert r.returncode == 0 and "workers delivered" in r.stdout, r.stdout + r.stderr
+
+
+def test_lesion_paste_moves_a_labelled_lesion_with_every_sequence_into_other_cases(tmp_path):
+    from nnsynth.exceptions import NnsynthError, PlansError
+    from nnsynth.preprocessing.storage import load_case, save_case
+    from nnsynth.training.dataloading import MultiSequenceSampler
+    from test_training_engine import make_trainer
+    # case 1 is the only donor: a 3x5x5 lesion whose voxels hold one marked value per sequence; it lacks T1Gd, so
+    # it can give its lesion to case 2 (T1 and T2 only) but not to case 0 (complete)
+    pre = make_preprocessed(tmp_path, n_cases=3, availability={1: (True, False, True, True),
+                                                               2: (True, False, True, False)})
+    folder = pre / "nnsynthPlans_2d"
+    data, seg, props = load_case(folder, "case_001")
+    z, y, x = (int(v) for v in np.median(np.argwhere(seg[0] >= 0), axis=0))
+    marks = np.array([0.11, 0.0, 0.33, 0.44], np.float32)
+    seg[0, z - 1:z + 2, y - 2:y + 3, x - 2:x + 3] = 2
+    data[:, z - 1:z + 2, y - 2:y + 3, x - 2:x + 3] = marks[:, None, None, None]
+    save_case(folder, "case_001", data, seg, {**props, "has_label": True})
+    store = CaseStore(folder, ["case_000", "case_001", "case_002"])
+    sampler = MultiSequenceSampler(store, store.names, [16, 16], 2, 3, batch_size=8, seed=0, lesion_paste=1.0)
+    assert sampler.donors == {"case_000": [], "case_001": [], "case_002": ["case_001"]}
+    seen, pasted = {"case_000": 0, "case_002": 0}, 0
+    for _ in range(10):
+        b = sampler.next_batch()
+        for i, case in enumerate(b["cases"]):
+            lesion = b["labels"][i] == 2
+            assert b["available"][i].nonzero().flatten().tolist() == store.cases[case].available
+            if case == "case_001":
+                continue
+            seen[case] += 1
+            if case == "case_000":
+                assert not bool(lesion.any())                  # no donor has all of its sequences
+                continue
+            pasted += bool(lesion.any())          # unless the patch sits at the brain's edge, where it is cut off
+            for s in (0, 2):                                   # both of its sequences carry the donor's voxels
+                torch.testing.assert_close(b["images"][i, s][lesion], torch.full((int(lesion.sum()),), float(marks[s])))
+            assert float(b["images"][i, 3].abs().max()) == 0.0  # its missing Flair stays missing
+    assert min(seen.values()) >= 10 and pasted >= 0.7 * seen["case_002"]
+    # off: no extra random draw, the same batches as before the option existed
+    a = MultiSequenceSampler(store, store.names, [16, 16], 2, 3, batch_size=4, seed=5)
+    off = MultiSequenceSampler(store, store.names, [16, 16], 2, 3, batch_size=4, seed=5, lesion_paste=0.0)
+    torch.testing.assert_close(a.next_batch()["images"], off.next_batch()["images"])
+    with pytest.raises(NnsynthError, match="p_lesion_paste"):
+        MultiSequenceSampler(store, store.names, [16, 16], 2, 3, batch_size=4, seed=5, lesion_paste=2.0)
+    plans = tiny_plans()
+    plans["configurations"]["2d"].setdefault("augmentation", {})["p_lesion_paste"] = 0.4
+    trainer = make_trainer(pre, tmp_path / "out", plans=plans)
+    trainer.initialize()
+    assert trainer.multi_sequence_sampler(1).lesion_paste == 0.4
+    plans["configurations"]["2d"]["augmentation"]["p_lesion_paste"] = "often"
+    with pytest.raises(PlansError, match="p_lesion_paste"):
+        make_trainer(pre, tmp_path / "out2", plans=plans).lesion_paste

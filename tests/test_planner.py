@@ -94,10 +94,12 @@ def test_synthesis_defaults_beyond_the_paper():
         assert c["network"]["source_conditioning"] is False
         assert c["loss"]["seq2seq"]["intensity_balance"] == c["loss"]["tsf_seq2seq"]["intensity_balance"] == 0.5
         assert c["training"]["per_trainer"]["seq2seq"]["lr"] == 2e-3          # CPU plans; GPU: the paper's 2e-4
+        assert c["training"]["per_trainer"]["seq2seq"]["betas"] == [0.9, 0.99]  # CPU plans: short runs
         assert c["training"]["per_trainer"]["seq2seq"]["all_sources_fraction"] == 0.5   # the prediction task
         # each synthesis input's brightness varies by up to +-25 % in 30 % of the samples (benchmarks.md)
         assert (c["augmentation"]["p_brightness"], c["augmentation"]["brightness"]) == (0.3, [0.75, 1.25])
-    assert plan(device="cuda")["configurations"]["2d"]["training"]["per_trainer"]["seq2seq"]["lr"] == 2e-4
+    gpu_seq2seq = plan(device="cuda")["configurations"]["2d"]["training"]["per_trainer"]["seq2seq"]
+    assert gpu_seq2seq["lr"] == 2e-4 and gpu_seq2seq["betas"] == [0.9, 0.999]
 
 
 def test_isotropic_identity_transpose():

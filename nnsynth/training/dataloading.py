@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from scipy.ndimage import binary_dilation, gaussian_filter
 
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform, ImageOnlyTransform
 from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
@@ -60,7 +61,9 @@ DEFAULT_AUGMENTATION: Dict[str, Any] = {
     "p_brightness": 0.15, "brightness": [0.9, 1.1],
     "p_noise": 0.1, "noise_sigma": [0.0, 0.05],
     "p_bias_field": 0.3, "bias_field_scale": 0.2, "bias_field_order": 3,
+    "p_lesion_paste": 0.0,            # multi-sequence samplers: odds of pasting another case's lesion (off)
 }
+LESION_PASTE_EDGE_SIGMA = 1.0        # voxels: the pasted lesion's edge is blended over about this width
 
 
 class BiasFieldTransform(ImageOnlyTransform):
@@ -367,12 +370,53 @@ class MultiSequenceSampler(SynthesisSampler):
     inside the brain, -1 outside) and ``has_label`` (B,) bool (the case came with a label map). Only spatial
     augmentation (one grid for all sequences and the labels); intensity augmentation is the trainer's business."""
 
-    def __init__(self, *args: Any, min_available: int = 1, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, min_available: int = 1, lesion_paste: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.cases = [c for c in self.cases if len(self.store.cases[c].available) >= int(min_available)]
+        self.min_available = int(min_available)
+        self.cases = [c for c in self.cases if len(self.store.cases[c].available) >= self.min_available]
         if not self.cases:
             raise NnsynthError(f"No training case holds at least {min_available} sequences; this trainer needs "
                                f"them (check the dataset's missing sequences)")
+        self.lesion_paste = float(lesion_paste)
+        if not 0.0 <= self.lesion_paste <= 1.0:
+            raise NnsynthError(f"augmentation.p_lesion_paste must be within [0, 1], got {lesion_paste}")
+        # where each case's pasted lesions come from: the other training cases whose label map shows a lesion and
+        # which have every sequence this case has (so no sequence of a sample is left half-pasted)
+        labelled = [c for c in self.cases if self.store.cases[c].has_label and len(self.store.cases[c].labelled)]
+        self.donors: Dict[str, List[str]] = {
+            c: [d for d in labelled if d != c and set(self.store.cases[c].available) <= set(self.store.cases[d].available)]
+            for c in self.cases}
+        if self.lesion_paste > 0 and not any(self.donors.values()):
+            logger.info("Lesion pasting off: no training case has a labelled lesion and the sequences of another")
+
+    def _paste_lesion(self, case: str, s: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Lesion copy-paste: another labelled case's lesion, every sequence and its labels, blended into this
+        sample at the same place of the box (so at a random brain position of this case).
+
+        Why: a lesion's appearance on the sequence to synthesise is what a model most often gets wrong in an
+        unseen subject, and a small dataset shows it few lesions, each always inside the same brain. Pasting
+        puts each lesion into other brains, so its appearance cannot be learned from the context around it.
+        All sequences get the same blend (partial volume is linear in the signal), so inputs and target agree.
+        Donors have every sequence of the case (``self.donors``). No random draw when ``lesion_paste`` is 0."""
+        if self.lesion_paste <= 0 or self.rng.random() >= self.lesion_paste or not self.donors[case]:
+            return s
+        donor = self.donors[case][int(self.rng.integers(len(self.donors[case])))]
+        info = self.store.cases[donor]
+        center = tuple(int(v) for v in info.labelled[self.rng.integers(len(info.labelled))])
+        keep = self.store.cases[case].available
+        arrays, seg = self.read_channels_and_labels(donor, keep, center)
+        seg = seg if self.spatial_dims == 2 else seg[None]
+        lesion = (seg > 0) & (s["seg"] >= 0)          # the donor's lesion where this case has brain
+        if not lesion.any():
+            return s
+        # no blur along the first axis: the k slices of a 2.5D stack (each blended on its own), or 3D's channel
+        sigma = [0.0] + [LESION_PASTE_EDGE_SIGMA] * (lesion.ndim - 1)
+        grown = binary_dilation(lesion, iterations=1) & (s["seg"] >= 0) & (seg >= 0)
+        alpha = np.maximum(np.clip(gaussian_filter(grown.astype(np.float32), sigma), 0.0, 1.0) * grown, lesion)
+        images = s["images"].copy()
+        for i, box in zip(keep, arrays):
+            images[i] = (1.0 - alpha) * images[i] + alpha * (box if self.spatial_dims == 2 else box[None])
+        return {**s, "images": images, "seg": np.where(lesion, seg, s["seg"])}
 
     def _read_all(self, case: str, center) -> Dict[str, np.ndarray]:
         """Every sequence of the case around ``center`` (missing ones stay 0), its labels and availability."""
@@ -392,7 +436,7 @@ class MultiSequenceSampler(SynthesisSampler):
         names, images, segs, avails, has_label = [], [], [], [], []
         for _ in range(self.batch_size):
             case = self.cases[int(self.rng.integers(len(self.cases)))]
-            s = self._read_all(case, self._center(self.store.cases[case]))
+            s = self._paste_lesion(case, self._read_all(case, self._center(self.store.cases[case])))
             img = torch.from_numpy(s["images"])
             # shifted by one so that what spatial augmentation moves in from outside (0) is outside the brain
             seg = torch.from_numpy(s["seg"] + 1).to(torch.int16)

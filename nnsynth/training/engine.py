@@ -51,6 +51,17 @@ FULL_VOLUME_WINDOW_BATCH = 8   # sliding windows per forward pass in the full-vo
 UNUSED_BUDGET_NOTE_S = 60.0    # a --max-minutes run that ends its planned epochs this much early says so
 
 
+def _probability(value: Any, key: str) -> float:
+    """A plans value that must be a probability, or a PlansError naming its key."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as exc:
+        raise PlansError(f"{key} must be a number in [0, 1], got {value!r}") from exc
+    if not 0.0 <= value <= 1.0:
+        raise PlansError(f"{key} must be within [0, 1], got {value}")
+    return value
+
+
 class TrainingEngine:
     """Base class of all trainers. Subclasses set ``trainer_name`` and implement the three hooks below."""
 
@@ -199,14 +210,13 @@ class TrainingEngine:
     @property
     def oversample_labels(self) -> float:
         """The plans' ``training.oversample_labels`` (absent: 0, as plans made before it existed)."""
-        value = self.training.get("oversample_labels", 0.0)
-        try:
-            value = float(value)
-        except (TypeError, ValueError) as exc:
-            raise PlansError(f"training.oversample_labels must be a number in [0, 1], got {value!r}") from exc
-        if not 0.0 <= value <= 1.0:
-            raise PlansError(f"training.oversample_labels must be within [0, 1], got {value}")
-        return value
+        return _probability(self.training.get("oversample_labels", 0.0), "training.oversample_labels")
+
+    @property
+    def lesion_paste(self) -> float:
+        """The plans' ``augmentation.p_lesion_paste`` (absent: 0, as plans made before it existed)."""
+        return _probability((self.config.get("augmentation") or {}).get("p_lesion_paste", 0.0),
+                            "augmentation.p_lesion_paste")
 
     def build_sampler(self) -> SynthesisSampler:
         """The training sampler (hook): (source, target) pairs with the plans' augmentation by default."""
@@ -225,7 +235,8 @@ class TrainingEngine:
                                     self.num_adjacent_slices, int(self.config.get("batch_size", 2)),
                                     seed=self.seed + 7919 * self.rank,
                                     transform=build_augmentation(patch, self.spatial_dims, aug),
-                                    min_available=min_available, oversample_labels=self.oversample_labels)
+                                    min_available=min_available, oversample_labels=self.oversample_labels,
+                                    lesion_paste=self.lesion_paste)
 
     def build_perceptual_loss(self, weight: float) -> Optional[nn.Module]:
         """The perceptual (LPIPS-style) loss on the training device, or None when its weight is 0 or no local
