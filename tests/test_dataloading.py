@@ -79,8 +79,19 @@ def test_foreground_bias(store):
     assert float(b["mask"][:, 1, 4, 4].mean()) == 1.0  # every centre voxel is brain
 
 
+def off_draws_nothing_and_range_is_checked(cls, store, option: str, key: str) -> None:
+    """A sampler option at 0 draws nothing extra (the same batches as a sampler built before the option existed),
+    and a value outside [0, 1] is an error that names it."""
+    from nnsynth.exceptions import NnsynthError
+    a = cls(store, store.names, [8, 8], 2, 3, batch_size=4, seed=3)
+    b = cls(store, store.names, [8, 8], 2, 3, batch_size=4, seed=3, **{option: 0.0})
+    torch.testing.assert_close(a.next_batch()[key], b.next_batch()[key])
+    with pytest.raises(NnsynthError, match=option):
+        cls(store, store.names, [8, 8], 2, 3, batch_size=4, seed=3, **{option: 1.5})
+
+
 def test_label_oversampling_centres_patches_on_lesions(tmp_path):
-    from nnsynth.exceptions import NnsynthError, PlansError
+    from nnsynth.exceptions import PlansError
     from nnsynth.preprocessing.storage import load_case, save_case
     from test_training_engine import make_trainer
     pre = make_preprocessed(tmp_path, n_cases=2)
@@ -107,12 +118,7 @@ def test_label_oversampling_centres_patches_on_lesions(tmp_path):
                               oversample_foreground=1.0)
     seg0 = np.asarray(store.cases["case_000"].seg)[0]
     assert all(seg0[always._center(store.cases["case_000"])] >= 0 for _ in range(20))   # no labels: brain centres
-    # off draws nothing extra: the same batches as a sampler built before the option existed
-    a = SynthesisSampler(store, store.names, [8, 8], 2, 3, batch_size=4, seed=3)
-    b = SynthesisSampler(store, store.names, [8, 8], 2, 3, batch_size=4, seed=3, oversample_labels=0.0)
-    torch.testing.assert_close(a.next_batch()["source"], b.next_batch()["source"])
-    with pytest.raises(NnsynthError, match="oversample_labels"):
-        SynthesisSampler(store, store.names, [8, 8], 2, 3, batch_size=4, seed=3, oversample_labels=1.5)
+    off_draws_nothing_and_range_is_checked(SynthesisSampler, store, "oversample_labels", "source")
     plans = tiny_plans()
     plans["configurations"]["2d"]["training"]["oversample_labels"] = "often"
     with pytest.raises(PlansError, match="oversample_labels"):
@@ -213,7 +219,7 @@ def test_background_workers_read_3d_patches_after_the_parent_did(tmp_path):
 
 
 def test_lesion_paste_moves_a_labelled_lesion_with_every_sequence_into_other_cases(tmp_path):
-    from nnsynth.exceptions import NnsynthError, PlansError
+    from nnsynth.exceptions import PlansError
     from nnsynth.preprocessing.storage import load_case, save_case
     from nnsynth.training.dataloading import MultiSequenceSampler
     from test_training_engine import make_trainer
@@ -248,12 +254,7 @@ def test_lesion_paste_moves_a_labelled_lesion_with_every_sequence_into_other_cas
                 torch.testing.assert_close(b["images"][i, s][lesion], torch.full((int(lesion.sum()),), float(marks[s])))
             assert float(b["images"][i, 3].abs().max()) == 0.0  # its missing Flair stays missing
     assert min(seen.values()) >= 10 and pasted >= 0.7 * seen["case_002"]
-    # off: no extra random draw, the same batches as before the option existed
-    a = MultiSequenceSampler(store, store.names, [16, 16], 2, 3, batch_size=4, seed=5)
-    off = MultiSequenceSampler(store, store.names, [16, 16], 2, 3, batch_size=4, seed=5, lesion_paste=0.0)
-    torch.testing.assert_close(a.next_batch()["images"], off.next_batch()["images"])
-    with pytest.raises(NnsynthError, match="p_lesion_paste"):
-        MultiSequenceSampler(store, store.names, [16, 16], 2, 3, batch_size=4, seed=5, lesion_paste=2.0)
+    off_draws_nothing_and_range_is_checked(MultiSequenceSampler, store, "lesion_paste", "images")
     plans = tiny_plans()
     plans["configurations"]["2d"].setdefault("augmentation", {})["p_lesion_paste"] = 0.4
     trainer = make_trainer(pre, tmp_path / "out", plans=plans)
