@@ -61,7 +61,6 @@ DEFAULT_AUGMENTATION: Dict[str, Any] = {
     "p_brightness": 0.15, "brightness": [0.9, 1.1],
     "p_noise": 0.1, "noise_sigma": [0.0, 0.05],
     "p_bias_field": 0.3, "bias_field_scale": 0.2, "bias_field_order": 3,
-    "p_lesion_paste": 0.0,            # multi-sequence samplers: odds of pasting another case's lesion (off)
 }
 LESION_PASTE_EDGE_SIGMA = 1.0        # voxels: the pasted lesion's edge is blended over about this width
 
@@ -372,8 +371,7 @@ class MultiSequenceSampler(SynthesisSampler):
 
     def __init__(self, *args: Any, min_available: int = 1, lesion_paste: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.min_available = int(min_available)
-        self.cases = [c for c in self.cases if len(self.store.cases[c].available) >= self.min_available]
+        self.cases = [c for c in self.cases if len(self.store.cases[c].available) >= int(min_available)]
         if not self.cases:
             raise NnsynthError(f"No training case holds at least {min_available} sequences; this trainer needs "
                                f"them (check the dataset's missing sequences)")
