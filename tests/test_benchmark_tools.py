@@ -93,3 +93,20 @@ def test_training_step_profile_splits_data_from_step_and_names_the_convolutions(
     assert any(k.startswith("forward") for k in convs) and any(k.startswith("backward") for k in convs)
     # the convolutions are part of, and at most, the operator time of a step
     assert 0 < sum(convs.values()) <= res["profile"]["self_cpu_ms_per_step"]
+
+
+def test_source_subset_ensemble_scores_every_combination_and_keeps_only_complete_cases(tmp_path):
+    import source_subset_ensemble as sse
+
+    rng = np.random.default_rng(2)
+    truth = gaussian_filter(rng.random((8, 12, 12)), 1.5) + 0.5
+    error = gaussian_filter(rng.standard_normal(truth.shape), 1.0) * 0.05
+    members = {sse.ALL: truth + error, sse.member_name("T1"): truth - error, sse.member_name("T2"): truth + 3 * error}
+    scores = sse.score_combinations([truth], [members])
+    assert len(scores) == 7                            # 3 alone, 3 pairs, 1 triple
+    assert scores[f"{sse.ALL} + without T1"] > scores[sse.ALL] + 20     # opposite errors cancel
+    assert scores[sse.ALL] > scores["without T2"]
+
+    for name in ("a_0000", "a_0001", "b_0000"):
+        _write(tmp_path, f"{name}.nii.gz", truth)
+    assert sse.complete_cases(tmp_path, {"T1": "0000", "T2": "0001"}, ".nii.gz") == ["a"]
