@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from nnsynth.dataset.io import read_image
+from nnsynth.dataset.io import Geometry, read_image
 from nnsynth.evaluation.metrics import compute_metrics
 from nnsynth.inference.predictor import Predictor, find_model_folder
 from nnsynth.utils.files import save_json
@@ -49,11 +49,12 @@ def complete_cases(folder: Path, ids: Dict[str, str], ending: str) -> List[str]:
 
 
 def member_name(dropped: Optional[str]) -> str:
+    """"all" for the prediction from every other sequence, "without X" for the one that leaves X out."""
     return ALL if dropped is None else f"without {dropped}"
 
 
-def predict_members(predictor: Predictor, images: Dict[str, np.ndarray], geometry, target: str, case: str
-                    ) -> Dict[str, np.ndarray]:
+def predict_members(predictor: Predictor, images: Dict[str, np.ndarray], geometry: Geometry, target: str,
+                    case: str) -> Dict[str, np.ndarray]:
     """{member: prediction of ``target``} from all other sequences and from each leave-one-out subset."""
     sources = [s for s in images if s != target]
     out = {}
@@ -80,6 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="a bench_seq2seq_quality.py --work folder")
     p.add_argument("--fold", default="all")
+    p.add_argument("--configuration", "-c", default="2d", help="the work folder's configuration (its -c)")
     p.add_argument("--cases", choices=("test", "train"), default="test",
                    help="test: the held-out cases (imagesTs_truth); train: the training cases with every sequence")
     p.add_argument("--max-cases", type=int, default=8)
@@ -95,7 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cases = complete_cases(folder, ids, ending)[: a.max_cases]
     if not cases:
         raise SystemExit(f"{folder} has no case with every sequence ({', '.join(ids)})")
-    predictor = Predictor(find_model_folder(raw.name, "seq2seq", "2d").path, [a.fold], progress=False)
+    predictor = Predictor(find_model_folder(raw.name, "seq2seq", a.configuration).path, [a.fold], progress=False)
     targets = a.targets or list(ids)
     result: Dict[str, Dict[str, float]] = {}
     for target in targets:
