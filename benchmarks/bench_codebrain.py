@@ -120,8 +120,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     if a.fresh and a.work.exists():
         shutil.rmtree(a.work)
-    for var, sub in (("nnSynth_raw", "raw"), ("nnSynth_preprocessed", "preprocessed"), ("nnSynth_results", "results")):
-        os.environ[var] = str(a.work / sub)
+    from nnsynth.paths import use_data_root
+    use_data_root(a.work)
+    for sub in ("raw", "preprocessed", "results"):
         (a.work / sub).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("NNSYNTH_NO_TQDM", "1")
     import torch

@@ -63,9 +63,10 @@ def main() -> None:
     setup_logging()
     if args.fresh and args.work.exists():
         shutil.rmtree(args.work)
-    for var, sub in (("nnSynth_raw", "raw"), ("nnSynth_preprocessed", "preprocessed"), ("nnSynth_results", "results")):
+    from nnsynth.paths import use_data_root
+    use_data_root(args.work)
+    for sub in ("raw", "preprocessed", "results"):
         (args.work / sub).mkdir(parents=True, exist_ok=True)
-        os.environ[var] = str(args.work / sub)
     os.environ.setdefault("NNSYNTH_NO_TQDM", "1")
     from nnsynth.cli import evaluate, make_demo, plan_and_preprocess, predict, train
     timings: Dict[str, float] = {}

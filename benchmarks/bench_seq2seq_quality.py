@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -85,8 +84,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(a.threads)
     if a.fresh and a.work.exists():
         shutil.rmtree(a.work)
-    for var, sub in (("nnSynth_raw", "raw"), ("nnSynth_preprocessed", "preprocessed"), ("nnSynth_results", "results")):
-        os.environ[var] = str(a.work / sub)
+    from nnsynth.paths import use_data_root
+    use_data_root(a.work)
     from nnsynth.cli.plan_and_preprocess import cli as plan_cli
     from nnsynth.cli.predict import cli as predict_cli
     from nnsynth.cli.train import cli as train_cli

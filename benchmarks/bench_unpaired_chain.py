@@ -34,9 +34,10 @@ FOLD = "0"   # 80% of the training cases; the held-out test cases are scored (fo
 
 
 def set_folders(workdir: Path) -> None:
-    for var, sub in (("nnSynth_raw", "raw"), ("nnSynth_preprocessed", "preprocessed"), ("nnSynth_results", "results")):
+    from nnsynth.paths import use_data_root
+    use_data_root(workdir)
+    for sub in ("raw", "preprocessed", "results"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
-        os.environ[var] = str(workdir / sub)
 
 
 def make_dataset(dataset_id: int, name: str, pairing: str, args: argparse.Namespace) -> Path:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -31,6 +30,7 @@ import numpy as np
 from nnsynth.dataset.io import Geometry, read_image
 from nnsynth.evaluation.metrics import compute_metrics
 from nnsynth.inference.predictor import Predictor, find_model_folder
+from nnsynth.paths import use_data_root
 from nnsynth.utils.files import save_json
 from nnsynth.utils.log import setup_logging
 
@@ -89,8 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
     setup_logging()
-    os.environ.update({"nnSynth_raw": str(a.work / "raw"), "nnSynth_preprocessed": str(a.work / "preprocessed"),
-                       "nnSynth_results": str(a.work / "results")})
+    use_data_root(a.work)
     raw = next((a.work / "raw").glob("Dataset*"))
     ids, ending = _channel_ids(raw)
     folder = raw / ("imagesTs_truth" if a.cases == "test" else "imagesTr")
@@ -99,16 +98,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"{folder} has no case with every sequence ({', '.join(ids)})")
     predictor = Predictor(find_model_folder(raw.name, "seq2seq", a.configuration).path, [a.fold], progress=False)
     targets = a.targets or list(ids)
+    loaded = {case: {s: read_image(folder / f"{case}_{i}{ending}") for s, i in ids.items()} for case in cases}
     result: Dict[str, Dict[str, float]] = {}
     for target in targets:
         truth, members = [], []
-        for case in cases:
-            images: Dict[str, np.ndarray] = {}
-            geometry = None
-            for s, i in ids.items():
-                images[s], geometry = read_image(folder / f"{case}_{i}{ending}")
+        for case, read in loaded.items():
+            images = {s: array for s, (array, _) in read.items()}
             truth.append(images[target])
-            members.append(predict_members(predictor, images, geometry, target, case))
+            members.append(predict_members(predictor, images, read[target][1], target, case))
         result[target] = score_combinations(truth, members)
         best = max(result[target], key=result[target].get)
         logger.info("%s (%d %s cases): from all %.2f dB; best %s %.2f dB", target, len(cases), a.cases,

@@ -32,6 +32,13 @@ def _folder(var: str) -> Path:
     return default
 
 
+def use_data_root(root: Union[str, Path]) -> None:
+    """Point the three folder variables at ``root``/raw, /preprocessed and /results (the layout of the default
+    ./nnsynth_data), for scripts and benchmarks that keep a whole run in one work folder."""
+    for var, sub in DEFAULT_SUBFOLDERS.items():
+        os.environ[var] = str(Path(root) / sub)
+
+
 def raw_folder() -> Path:
     return _folder(ENV_RAW)
 
