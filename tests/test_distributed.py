@@ -63,3 +63,23 @@ def test_ddp_keeps_the_seq2seq_label_head_identical_on_every_rank(tmp_path):
     w0, w1 = torch.load(out / "weights_rank0.pt"), torch.load(out / "weights_rank1.pt")
     for k in w0:
         torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=1e-6)
+
+
+def test_cli_ranks_split_the_cpu_threads_and_only_rank_0_reports_progress():
+    """``nnsynth_train --num-gpus N --device cpu``: each rank takes its share of the threads, and rank > 0 logs
+    warnings only (rank 0 alone prints the epoch lines)."""
+    import logging
+    from nnsynth.cli.train import configure_rank
+    log = logging.getLogger("nnsynth")
+    threads, level = torch.get_num_threads(), log.level
+    try:
+        torch.set_num_threads(4)
+        assert configure_rank(0, 2, torch.device("cpu")) == torch.device("cpu")
+        assert torch.get_num_threads() == 2 and log.level == level
+        torch.set_num_threads(1)
+        configure_rank(1, 2, torch.device("cpu"))
+        assert torch.get_num_threads() == 1 and log.level == logging.WARNING   # never below one thread
+        assert configure_rank(1, 2, torch.device("cuda")) == torch.device("cuda", 1)
+    finally:
+        torch.set_num_threads(threads)
+        log.setLevel(level)

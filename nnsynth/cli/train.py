@@ -47,11 +47,22 @@ def build_trainer(trainer_cls: type, kwargs: Dict[str, Any], rank: int = 0, worl
     return trainer_cls(**kwargs, rank=rank, world_size=world_size)
 
 
+def configure_rank(rank: int, world_size: int, device: torch.device) -> torch.device:
+    """Per-process set-up of a DDP rank; returns its device. Rank 0 reports progress and the others only
+    warnings and errors (no line printed twice). CPU ranks share the machine's cores, so each takes its share of
+    torch's threads instead of all of them (N processes x all cores would oversubscribe)."""
+    if rank > 0:
+        logging.getLogger("nnsynth").setLevel(logging.WARNING)
+    if device.type == "cuda":
+        return torch.device("cuda", rank)
+    torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+    return device
+
+
 def _ddp_worker(rank: int, world_size: int, trainer_cls: type, kwargs: Dict[str, Any], resume: bool) -> None:
     from nnsynth.utils.log import setup_logging
     setup_logging()
-    if kwargs["device"].type == "cuda":
-        kwargs = {**kwargs, "device": torch.device("cuda", rank)}
+    kwargs = {**kwargs, "device": configure_rank(rank, world_size, kwargs["device"])}
     build_trainer(trainer_cls, kwargs, rank, world_size).run_training(continue_training=resume)
 
 
