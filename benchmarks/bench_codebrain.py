@@ -121,9 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.fresh and a.work.exists():
         shutil.rmtree(a.work)
     from nnsynth.paths import use_data_root
-    use_data_root(a.work)
-    for sub in ("raw", "preprocessed", "results"):
-        (a.work / sub).mkdir(parents=True, exist_ok=True)
+    use_data_root(a.work, create=True)
     os.environ.setdefault("NNSYNTH_NO_TQDM", "1")
     import torch
     torch.set_num_threads(a.threads)

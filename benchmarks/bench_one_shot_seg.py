@@ -64,9 +64,7 @@ def main() -> None:
     if args.fresh and args.work.exists():
         shutil.rmtree(args.work)
     from nnsynth.paths import use_data_root
-    use_data_root(args.work)
-    for sub in ("raw", "preprocessed", "results"):
-        (args.work / sub).mkdir(parents=True, exist_ok=True)
+    use_data_root(args.work, create=True)
     os.environ.setdefault("NNSYNTH_NO_TQDM", "1")
     from nnsynth.cli import evaluate, make_demo, plan_and_preprocess, predict, train
     timings: Dict[str, float] = {}

@@ -35,9 +35,7 @@ FOLD = "0"   # 80% of the training cases; the held-out test cases are scored (fo
 
 def set_folders(workdir: Path) -> None:
     from nnsynth.paths import use_data_root
-    use_data_root(workdir)
-    for sub in ("raw", "preprocessed", "results"):
-        (workdir / sub).mkdir(parents=True, exist_ok=True)
+    use_data_root(workdir, create=True)
 
 
 def make_dataset(dataset_id: int, name: str, pairing: str, args: argparse.Namespace) -> Path:

@@ -32,11 +32,14 @@ def _folder(var: str) -> Path:
     return default
 
 
-def use_data_root(root: Union[str, Path]) -> None:
+def use_data_root(root: Union[str, Path], create: bool = False) -> None:
     """Point the three folder variables at ``root``/raw, /preprocessed and /results (the layout of the default
-    ./nnsynth_data), for scripts and benchmarks that keep a whole run in one work folder."""
+    ./nnsynth_data), for scripts and benchmarks that keep a whole run in one work folder; ``create`` makes the
+    three folders."""
     for var, sub in DEFAULT_SUBFOLDERS.items():
         os.environ[var] = str(Path(root) / sub)
+        if create:
+            (Path(root) / sub).mkdir(parents=True, exist_ok=True)
 
 
 def raw_folder() -> Path:
