@@ -152,6 +152,42 @@ def test_model_improves(trained):
     assert math.isfinite(after["psnr"]) and math.isfinite(before["psnr"])
 
 
+def test_cpu_optimizer_is_the_fused_kernel_with_the_reference_update(trained):
+    """The engine steps CPU and CUDA parameters with the fused AdamW kernel (a share of each CPU step saved);
+    it must give the per-tensor implementation's update."""
+    trainer, _, _ = trained
+    assert trainer.optimizer.param_groups[0]["fused"] is True
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(16, 8))
+    b = torch.nn.Parameter(a.detach().clone())
+    fused = trainer.build_optimizer([a])
+    cfg = trainer.training
+    reference = torch.optim.AdamW([b], lr=float(cfg["lr"]), betas=tuple(cfg["betas"]),
+                                  weight_decay=float(cfg["weight_decay"]), foreach=False)
+    for _ in range(5):
+        g = torch.randn(16, 8)
+        a.grad, b.grad = g.clone(), g.clone()
+        fused.step()
+        reference.step()
+    assert not torch.equal(a.detach(), torch.zeros(16, 8))
+    assert torch.allclose(a.detach(), b.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_checkpoint_of_the_per_tensor_optimizer_resumes_fused(trained, tmp_path):
+    """Checkpoints written before the fused kernel (or on a device without it) continue with this machine's."""
+    trainer, pre, out = trained
+    state = torch.load(out / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    for group in state["optimizer_state"]["param_groups"]:
+        group["fused"], group["foreach"] = None, None
+    fresh = make_trainer(pre, tmp_path / "resumed", num_epochs=3, iters_per_epoch=3)
+    fresh.initialize()
+    fresh.load_checkpoint_state(state)
+    assert all(g["fused"] is True for g in fresh.optimizer.param_groups)
+    steps = [float(fresh.optimizer.state[p]["step"]) for p in fresh._optimized_params]
+    fresh.train_step(fresh._to_device(next(fresh.train_iter)))      # the fused kernel takes the loaded state
+    assert [float(fresh.optimizer.state[p]["step"]) for p in fresh._optimized_params] == [s + 1 for s in steps]
+
+
 def test_corrupt_checkpoint_falls_back(trained, tmp_path, caplog):
     from nnsynth.training.checkpointing import find_resume_checkpoint
     trainer, _, out = trained

@@ -49,6 +49,7 @@ PREVIEW_EVERY_EPOCHS = 5       # validation preview PNGs in the fold folder ever
 PREVIEW_ROWS = 4
 FULL_VOLUME_WINDOW_BATCH = 8   # sliding windows per forward pass in the full-volume validation
 UNUSED_BUDGET_NOTE_S = 60.0    # a --max-minutes run that ends its planned epochs this much early says so
+FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")   # devices whose Adam/AdamW run as one fused kernel per tensor
 
 
 def _probability(value: Any, key: str) -> float:
@@ -257,8 +258,11 @@ class TrainingEngine:
         if name not in ("adamw", "adam"):
             raise PlansError(f"Unsupported optimizer {name!r} in the plans' training settings (use 'adamw' or 'adam')")
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        # the fused kernel, the same update: torch's default on CPU is a Python loop of small ops per tensor,
+        # 25 ms of a ~170 ms demo step on 2 cores against 6 ms fused (documentation/benchmarks.md, 26th session)
+        fused = self.device.type in FUSED_OPTIMIZER_DEVICES and all(p.is_floating_point() for p in params)
         return cls(params, lr=float(self.training["lr"]), betas=tuple(self.training["betas"]),
-                   weight_decay=float(self.training["weight_decay"]))
+                   weight_decay=float(self.training["weight_decay"]), fused=fused or None)
 
     # ===== training loop ===================================================================================
     def run_training(self, continue_training: bool = False) -> None:
@@ -566,7 +570,15 @@ class TrainingEngine:
             raise NnsynthError(f"The checkpoint was written by trainer {state['trainer_name']!r}, not "
                                f"{self.trainer_name!r}; use another output folder")
         self.network.load_state_dict(state["network_weights"])
+        kernels = [(g.get("fused"), g.get("foreach")) for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer_state"])
+        for group, (fused, foreach) in zip(self.optimizer.param_groups, kernels):
+            # the kernel is this machine's choice, not the checkpoint's (a run may continue on another device)
+            group["fused"], group["foreach"] = fused, foreach
+            for param in group["params"]:   # the fused kernel keeps its step counts beside the weights
+                slot = self.optimizer.state.get(param, {})
+                if torch.is_tensor(slot.get("step")):
+                    slot["step"] = slot["step"].to(param.device if fused else torch.device("cpu"))
         self.scheduler.load_state_dict(state["scheduler_state"])
         self.grad_scaler.load_state_dict(state["grad_scaler_state"])
         self.load_extra_state(state.get("extra", {}))
