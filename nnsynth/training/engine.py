@@ -49,7 +49,7 @@ PREVIEW_EVERY_EPOCHS = 5       # validation preview PNGs in the fold folder ever
 PREVIEW_ROWS = 4
 FULL_VOLUME_WINDOW_BATCH = 8   # sliding windows per forward pass in the full-volume validation
 UNUSED_BUDGET_NOTE_S = 60.0    # a --max-minutes run that ends its planned epochs this much early says so
-FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")   # devices whose Adam/AdamW run as one fused kernel per tensor
+FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")   # devices whose Adam/AdamW steps use torch's fused kernel
 
 
 def _probability(value: Any, key: str) -> float:
