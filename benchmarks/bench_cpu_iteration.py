@@ -17,6 +17,7 @@ import torch
 
 from nnsynth.networks.seq2seq import Seq2SeqNet
 from nnsynth.planning.planner import CPU_REFERENCE, DefaultPlanner
+from nnsynth.training.engine import fused_optimizer
 
 
 def _fp(shape, spacing, n=4, cases=24):
@@ -27,7 +28,7 @@ def _fp(shape, spacing, n=4, cases=24):
 def time_iteration(conf: dict, num_sequences: int, repeats: int = 5) -> float:
     k = conf["num_adjacent_slices"]
     net = Seq2SeqNet(num_sequences, k, 2, conf["network"])
-    opt = torch.optim.Adam(net.parameters(), 2e-4, fused=True)   # as the training engine steps on the CPU
+    opt = torch.optim.Adam(net.parameters(), 2e-4, fused=fused_optimizer(torch.device("cpu")))   # as the engine
     x = torch.rand(conf["batch_size"], k, *conf["patch_size"])
     y = torch.rand_like(x)
     tgt = torch.randint(0, num_sequences, (conf["batch_size"],))

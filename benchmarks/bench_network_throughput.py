@@ -47,8 +47,8 @@ def _run_one(cfg: Dict[str, Any], queue) -> None:
     network["num_hyper_res_blocks"] = cfg["num_hyper_res_blocks"]
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     net = Seq2SeqNet(cfg["num_sequences"], cfg["in_channels"], cfg["spatial_dims"], network).to(device)
-    from nnsynth.training.engine import FUSED_OPTIMIZER_DEVICES
-    opt = torch.optim.Adam(net.parameters(), lr=2e-4, fused=(device.type in FUSED_OPTIMIZER_DEVICES) or None)
+    from nnsynth.training.engine import fused_optimizer
+    opt = torch.optim.Adam(net.parameters(), lr=2e-4, fused=fused_optimizer(device))   # as the engine steps
     b = cfg["batch_size"]
     x = torch.rand(b, cfg["in_channels"], *cfg["patch_size"], device=device)
     y = torch.rand_like(x)

@@ -52,6 +52,14 @@ UNUSED_BUDGET_NOTE_S = 60.0    # a --max-minutes run that ends its planned epoch
 FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")   # devices whose Adam/AdamW steps use torch's fused kernel
 
 
+def fused_optimizer(device: torch.device) -> Optional[bool]:
+    """``fused`` for Adam/AdamW on ``device``: torch's fused kernel where it has one, else torch's default.
+
+    The same update; on the CPU torch's default is a Python loop of small ops per tensor, 25 ms of a demo step on
+    2 cores against 6 ms fused (documentation/benchmarks.md, twenty-sixth session)."""
+    return True if device.type in FUSED_OPTIMIZER_DEVICES else None
+
+
 def _probability(value: Any, key: str) -> float:
     """A plans value that must be a probability, or a PlansError naming its key."""
     try:
@@ -258,11 +266,8 @@ class TrainingEngine:
         if name not in ("adamw", "adam"):
             raise PlansError(f"Unsupported optimizer {name!r} in the plans' training settings (use 'adamw' or 'adam')")
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-        # the fused kernel, the same update: torch's default on CPU is a Python loop of small ops per tensor,
-        # 25 ms of a ~170 ms demo step on 2 cores against 6 ms fused (documentation/benchmarks.md, 26th session)
-        fused = self.device.type in FUSED_OPTIMIZER_DEVICES and all(p.is_floating_point() for p in params)
         return cls(params, lr=float(self.training["lr"]), betas=tuple(self.training["betas"]),
-                   weight_decay=float(self.training["weight_decay"]), fused=fused or None)
+                   weight_decay=float(self.training["weight_decay"]), fused=fused_optimizer(self.device))
 
     # ===== training loop ===================================================================================
     def run_training(self, continue_training: bool = False) -> None:
@@ -570,15 +575,12 @@ class TrainingEngine:
             raise NnsynthError(f"The checkpoint was written by trainer {state['trainer_name']!r}, not "
                                f"{self.trainer_name!r}; use another output folder")
         self.network.load_state_dict(state["network_weights"])
-        kernels = [(g.get("fused"), g.get("foreach")) for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer_state"])
-        for group, (fused, foreach) in zip(self.optimizer.param_groups, kernels):
-            # the kernel is this machine's choice, not the checkpoint's (a run may continue on another device)
-            group["fused"], group["foreach"] = fused, foreach
-            for param in group["params"]:   # the fused kernel keeps its step counts beside the weights
-                slot = self.optimizer.state.get(param, {})
-                if torch.is_tensor(slot.get("step")):
-                    slot["step"] = slot["step"].to(param.device if fused else torch.device("cpu"))
+        # the optimizer kernel is this machine's choice, not the checkpoint's (a run may continue on another
+        # device); torch's loader then puts Adam's step counts where that kernel keeps them
+        saved = state["optimizer_state"]
+        groups = [{**g, "fused": mine.get("fused"), "foreach": mine.get("foreach")}
+                  for g, mine in zip(saved["param_groups"], self.optimizer.param_groups)]
+        self.optimizer.load_state_dict({**saved, "param_groups": groups})
         self.scheduler.load_state_dict(state["scheduler_state"])
         self.grad_scaler.load_state_dict(state["grad_scaler_state"])
         self.load_extra_state(state.get("extra", {}))
