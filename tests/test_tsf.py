@@ -44,7 +44,7 @@ def test_omega_zero_on_missing_and_sums_to_one():
             src = torch.zeros(1, 4)
             src[0, list(subset)] = 1
             for t in range(4):
-                omega = w(src, torch.nn.functional.one_hot(torch.tensor([t]), 4).float())[0]
+                omega = w(src, torch.nn.functional.one_hot(torch.tensor([t]), 4).float())[0].detach()
                 assert all(float(omega[i]) == 0.0 for i in range(4) if i not in subset)
                 assert float(omega.sum()) == pytest.approx(1.0, abs=1e-6)
                 assert all(float(omega[i]) > 0 for i in subset)
