@@ -70,7 +70,7 @@ def test_hyper_cbam_and_forward_outputs():
     src = torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 0]])
     x1, x2, omega = net(images, src, torch.tensor([3, 0]))
     assert x1.shape == x2.shape == (2, 3, 16, 16) and omega.shape == (2, 4)
-    m = tsem(x1, x2)
+    m = tsem(x1, x2).detach()
     assert m.shape == x1.shape and float(m.min()) >= 0
     cbam = HyperCBAM(8, code_length=8, spatial_dims=2, reduction=16, spatial_kernel=7, bank_size=4)
     f = torch.randn(2, 8, 4, 4)
