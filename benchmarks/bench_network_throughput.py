@@ -36,6 +36,7 @@ def _run_one(cfg: Dict[str, Any], queue) -> None:
     import torch
 
     from nnsynth.networks import DEFAULT_SEQ2SEQ_NETWORK, Seq2SeqNet, count_parameters
+    from nnsynth.training.engine import fused_optimizer
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
@@ -47,7 +48,6 @@ def _run_one(cfg: Dict[str, Any], queue) -> None:
     network["num_hyper_res_blocks"] = cfg["num_hyper_res_blocks"]
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     net = Seq2SeqNet(cfg["num_sequences"], cfg["in_channels"], cfg["spatial_dims"], network).to(device)
-    from nnsynth.training.engine import fused_optimizer
     opt = torch.optim.Adam(net.parameters(), lr=2e-4, fused=fused_optimizer(device))   # as the engine steps
     b = cfg["batch_size"]
     x = torch.rand(b, cfg["in_channels"], *cfg["patch_size"], device=device)

@@ -576,11 +576,11 @@ class TrainingEngine:
                                f"{self.trainer_name!r}; use another output folder")
         self.network.load_state_dict(state["network_weights"])
         # the optimizer kernel is this machine's choice, not the checkpoint's (a run may continue on another
-        # device); torch's loader then puts Adam's step counts where that kernel keeps them
+        # device); torch's loader then puts Adam's step counts where that kernel keeps them. Every group is built
+        # with the optimizer's defaults, and a checkpoint with other groups still fails in torch's own check.
         saved = state["optimizer_state"]
-        groups = [{**g, "fused": mine.get("fused"), "foreach": mine.get("foreach")}
-                  for g, mine in zip(saved["param_groups"], self.optimizer.param_groups)]
-        self.optimizer.load_state_dict({**saved, "param_groups": groups})
+        kernel = {k: self.optimizer.defaults.get(k) for k in ("fused", "foreach")}
+        self.optimizer.load_state_dict({**saved, "param_groups": [{**g, **kernel} for g in saved["param_groups"]]})
         self.scheduler.load_state_dict(state["scheduler_state"])
         self.grad_scaler.load_state_dict(state["grad_scaler_state"])
         self.load_extra_state(state.get("extra", {}))
