@@ -164,3 +164,50 @@ def test_intensity_augmentation_touches_the_chosen_sources_only(tmp_path):
     flat = torch.full((3, 16, 16), 0.5)
     out = field_only(image=flat.clone())["image"]
     assert out.min() > 0 and out.std() > 0 and out.shape == flat.shape   # a smooth positive multiplicative field
+
+
+def test_balanced_targets_draw_every_sequence_about_equally_often():
+    """Weights 1 / (cases that have it): a sequence half the cases lack is the target far more often than under
+    uniform draws; without weights the draw is the uniform one, stream for stream."""
+    from nnsynth.training.trainers.seq2seq import Seq2SeqTrainer
+    available = torch.ones(4000, 4, dtype=torch.bool)
+    available[::2, 3] = False                                      # sequence 3 in half the cases
+    counts = available.sum(0).float()
+    uniform = Counter(Seq2SeqTrainer.draw_multi_source(available, torch.Generator().manual_seed(0))[2].tolist())
+    balanced = Counter(Seq2SeqTrainer.draw_multi_source(available, torch.Generator().manual_seed(0),
+                                                        target_weights=1.0 / counts)[2].tolist())
+    share = {s: balanced[s] / len(available) for s in range(4)}
+    assert uniform[3] / len(available) == pytest.approx(0.125, abs=0.02)     # 1/4 of the half that has it
+    # weights 1/4000 and 1/2000: where all four are there, sequence 3 is drawn with 2/5, so 0.2 in all and
+    # (1/2)(1/5 + 1/3) for the others: much nearer a quarter each than the uniform draw
+    expected = {0: 4 / 15, 1: 4 / 15, 2: 4 / 15, 3: 0.2}
+    assert all(share[s] == pytest.approx(expected[s], abs=0.02) for s in range(4)), share
+    for i in range(8):                                              # always an available sequence
+        t = Seq2SeqTrainer.draw_multi_source(available[i:i + 1], torch.Generator().manual_seed(i),
+                                             target_weights=1.0 / counts)[2]
+        assert bool(available[i, int(t)])
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = Seq2SeqTrainer.draw_multi_source(available[:50], g1)
+    b = Seq2SeqTrainer.draw_multi_source(available[:50], g2, target_weights=None)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_trainer_balances_targets_from_its_training_cases(tmp_path):
+    plans = _multi_plans(joint=True, epochs=1, iters=1)
+    plans["configurations"]["2d"]["training"]["per_trainer"]["seq2seq"]["balance_targets"] = True
+    lacking = {i: (True, True, True, False) for i in (0, 2, 4)}         # half the cases lack sequence 3
+    pre = make_preprocessed(tmp_path / "pre", plans=plans, availability=lacking)
+    trainer = make_trainer(pre, tmp_path / "out", num_epochs=1, iters_per_epoch=1)
+    trainer.initialize()
+    counts = trainer.target_availability()
+    assert counts[3] < counts[0]
+    expected = torch.zeros(len(trainer.sequences))
+    for case in trainer.train_cases:
+        expected[trainer.case_store.cases[case].available] += 1
+    assert torch.equal(counts, expected) and counts.sum() > 0
+    torch.testing.assert_close(trainer.target_weights, torch.where(counts > 0, 1 / counts.clamp(min=1),
+                                                                   torch.zeros(())))
+    plans["configurations"]["2d"]["training"]["per_trainer"]["seq2seq"]["balance_targets"] = "yes"
+    from nnsynth.exceptions import PlansError
+    with pytest.raises(PlansError, match="balance_targets"):
+        make_trainer(make_preprocessed(tmp_path / "pre2", plans=plans), tmp_path / "out2")

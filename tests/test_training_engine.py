@@ -188,6 +188,46 @@ def test_checkpoint_of_the_per_tensor_optimizer_resumes_fused(trained, tmp_path)
     assert [float(fresh.optimizer.state[p]["step"]) for p in fresh._optimized_params] == [s + 1 for s in steps]
 
 
+class _InfGradient(torch.autograd.Function):
+    """Identity forward; an infinite gradient backward (what instance normalisation of a background-only patch
+    can produce after enough layers)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))
+
+
+def test_a_non_finite_gradient_skips_the_step_and_a_run_of_them_stops(trained, tmp_path, caplog):
+    from nnsynth.exceptions import NnsynthError
+    from nnsynth.training.engine import MAX_SKIPPED_STEPS_IN_A_ROW
+    _, pre, _ = trained
+    trainer = make_trainer(pre, tmp_path / "inf", num_epochs=1, iters_per_epoch=3)
+    trainer.initialize()
+    batch = trainer._to_device(next(trainer.train_iter))
+    compute = trainer.compute_loss
+    trainer.compute_loss = lambda b: (_InfGradient.apply(compute(b)[0]), {})
+    before = _weights(trainer)
+    iteration = trainer.scheduler.iteration
+    with caplog.at_level(logging.WARNING):
+        loss = trainer.train_step(batch)
+    assert math.isfinite(loss) and "Skipped an optimizer step" in caplog.text
+    after = _weights(trainer)
+    assert all(torch.equal(after[k], before[k]) for k in before)          # untouched, not NaN
+    assert trainer.scheduler.iteration == iteration + 1 and trainer.skipped_steps == 1
+    trainer.compute_loss = compute                                        # a good step resets the count
+    trainer.train_step(batch)
+    assert trainer._skipped_in_a_row == 0 and all(torch.isfinite(v).all() for v in _weights(trainer).values())
+    trainer.compute_loss = lambda b: (_InfGradient.apply(compute(b)[0]), {})
+    for _ in range(MAX_SKIPPED_STEPS_IN_A_ROW - 1):
+        trainer.train_step(batch)
+    with pytest.raises(NnsynthError, match="non-finite gradient norm"):
+        trainer.train_step(batch)
+
+
 def test_corrupt_checkpoint_falls_back(trained, tmp_path, caplog):
     from nnsynth.training.checkpointing import find_resume_checkpoint
     trainer, _, out = trained

@@ -115,6 +115,10 @@ SEQ2SEQ_CPU_BETAS = (0.9, 0.99)
 # task nnsynth_predict runs when it imputes from everything a case has); the rest draw a random subset
 # (trainers/seq2seq.py). Demo, 10 minutes: SSIM +0.016 at 5e-4 and PSNR +0.68 dB at 1e-3 against 0
 SEQ2SEQ_ALL_SOURCES_FRACTION = 0.5
+# seq2seq multi-source training: draw the target with weights one over the number of training cases that have each
+# sequence, so the sequences most cases lack are trained about as often as the others (trainers/seq2seq.py). Demo,
+# fold all, 20 minutes (documentation/benchmarks.md, twenty-eighth session): 23.93, 23.64 and 23.63 dB against 23.46
+SEQ2SEQ_BALANCE_TARGETS = True
 # epochs x iterations per epoch, and warm-up iterations. CPU runs are time-budgeted (--max-minutes fits the
 # schedule to the budget, never beyond num_epochs), so the CPU count is a ceiling a budget should not hit: 50 was
 # hit after 11 of 20 minutes on a 2-core machine that runs an epoch in 12.5 s, and using the other 9 minutes
@@ -398,7 +402,8 @@ class DefaultPlanner:
             "seq2seq": {"optimizer": "adam", "lr": 2e-4 if gpu else SEQ2SEQ_CPU_LR, "weight_decay": 0.0,
                         "betas": [0.9, 0.999] if gpu else list(SEQ2SEQ_CPU_BETAS), "schedule": "poly",
                         "multi_source": True,
-                        "all_sources_fraction": SEQ2SEQ_ALL_SOURCES_FRACTION},
+                        "all_sources_fraction": SEQ2SEQ_ALL_SOURCES_FRACTION,
+                        "balance_targets": SEQ2SEQ_BALANCE_TARGETS},
             "vq_seq2seq": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.95],
                            "schedule": "poly"},
             "tsf_seq2seq": {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999],

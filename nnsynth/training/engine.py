@@ -49,6 +49,8 @@ PREVIEW_EVERY_EPOCHS = 5       # validation preview PNGs in the fold folder ever
 PREVIEW_ROWS = 4
 FULL_VOLUME_WINDOW_BATCH = 8   # sliding windows per forward pass in the full-volume validation
 UNUSED_BUDGET_NOTE_S = 60.0    # a --max-minutes run that ends its planned epochs this much early says so
+#: optimizer steps in a row that may be skipped for a non-finite gradient norm before training stops
+MAX_SKIPPED_STEPS_IN_A_ROW = 10
 FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")   # devices whose Adam/AdamW steps use torch's fused kernel
 
 
@@ -112,6 +114,8 @@ class TrainingEngine:
         self.logs: Dict[str, List[float]] = {k: [] for k in ("train_loss", "val_psnr", "val_ssim", "lr", "epoch_time")}
         self.epoch, self.iteration_in_epoch, self.best_psnr = 0, 0, -math.inf
         self._epoch_loss = [0.0, 0]
+        #: optimizer steps skipped for a non-finite gradient norm, in this process and in a row (``_skip_step``)
+        self.skipped_steps, self._skipped_in_a_row = 0, 0
         # (iteration, RNG, sampler, loss sums) taken before each step, so a checkpoint written mid-step (Ctrl-C)
         # resumes at that step; None between steps
         self._snapshot: Optional[tuple] = None
@@ -355,11 +359,35 @@ class TrainingEngine:
             dist_utils.all_reduce_gradients(self._trainer_params)
         self.grad_scaler.unscale_(self.optimizer)
         # one global norm over everything the optimizer steps (the network and any trainer-owned head)
-        nn.utils.clip_grad_norm_(self._optimized_params, float(self.training["grad_clip"]))
-        self.grad_scaler.step(self.optimizer)
+        norm = nn.utils.clip_grad_norm_(self._optimized_params, float(self.training["grad_clip"]))
+        if torch.isfinite(norm):
+            self._skipped_in_a_row = 0
+            self.grad_scaler.step(self.optimizer)
+        else:
+            self._skip_step(norm)
         self.grad_scaler.update()
         self.scheduler.step()
         return float(loss.detach().item())
+
+    def _skip_step(self, norm: torch.Tensor) -> None:
+        """A non-finite gradient norm: leave the weights as they are (one inf gradient would turn them into NaN).
+
+        Instance normalisation divides by each feature map's spread, so a batch whose input is (nearly) constant,
+        e.g. a patch of background only, multiplies the gradient by up to 1/sqrt(eps) per layer until it
+        overflows. AMP's GradScaler skips such steps on CUDA; without it (CPU, float32) this does the same, and
+        a run that keeps producing them stops with what to change instead of training on."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._skipped_in_a_row += 1
+        self.skipped_steps += 1
+        if self.use_amp:        # the scaler's own inf check skips and backs off as usual
+            return
+        logger.warning("Skipped an optimizer step at epoch %d: gradient norm %s (%d skipped in this run)",
+                       self.epoch, float(norm), self.skipped_steps)
+        if self._skipped_in_a_row >= MAX_SKIPPED_STEPS_IN_A_ROW:
+            raise NnsynthError(
+                f"{self._skipped_in_a_row} optimizer steps in a row had a non-finite gradient norm (epoch "
+                f"{self.epoch}). Check the preprocessed data for NaN/inf values, lower the learning rate in the plans, "
+                f"or use larger patches (plans '<configuration>.patch_size') if patches can hold background only")
 
     def _end_epoch(self) -> None:
         train_loss = dist_utils.all_reduce_mean(self._epoch_loss[0] / max(1, self._epoch_loss[1]), self.device)

@@ -11,7 +11,10 @@ the cycle term of eq. 3, ``L1(G(E(X'_{i->j}) | s_i), X_i)`` over pairs with i !=
 term of eq. 2 as a least-squares PatchGAN with one output map per sequence (D_j = channel j).
 
 Multi-source training (plans ``training.per_trainer.seq2seq.multi_source``, on by default in new plans): each
-sample draws a target among the case's available sequences and, as sources, either the target itself
+sample draws a target among the case's available sequences (with ``balance_targets``, on in new plans, weighted
+by one over the number of training cases that have it, so a sequence many cases lack is the target nearly as
+often as the others: the sequences a dataset lacks most often are the ones users will impute, and uniform draws
+train them least) and, as sources, either the target itself
 (self-reconstruction, with the paper's 1/|available| odds) or a random non-empty subset of the other available
 sequences (with probability ``training.per_trainer.seq2seq.all_sources_fraction``: all of them, the task
 ``nnsynth_predict`` runs when it imputes a sequence from everything a case has); the decoder reads the mean of
@@ -91,6 +94,12 @@ class Seq2SeqTrainer(TrainingEngine):
         if not 0.0 <= self.all_sources_fraction <= 1.0:
             raise PlansError("training.per_trainer.seq2seq.all_sources_fraction must be within [0, 1], got "
                              f"{self.all_sources_fraction}")
+        self.balance_targets = self.training.get("balance_targets", False)
+        if not isinstance(self.balance_targets, bool):
+            raise PlansError("training.per_trainer.seq2seq.balance_targets must be true or false, got "
+                             f"{self.balance_targets!r}")
+        #: per sequence, the weight of drawing it as the target (balance_targets); None: uniform among a case's
+        self.target_weights: Optional[torch.Tensor] = None
         if self.multi_source and (self.lambda_cycle > 0 or self.lambda_adv > 0):
             logger.info("Cycle/adversarial terms need one source per sample: multi-source training is off")
             self.multi_source = False
@@ -169,6 +178,20 @@ class Seq2SeqTrainer(TrainingEngine):
             logger.info("Multi-source training: sources are random subsets of each case's sequences, %s",
                         "encoded jointly" if self.fusion == "joint" else "fused by the mean of their encodings")
             self.source_augmentation = build_intensity_augmentation(self.config.get("augmentation"))
+            if self.balance_targets:
+                counts = self.target_availability()
+                self.target_weights = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros(()))
+                logger.info("Targets balanced: drawn with weights one over the training cases that have each "
+                            "sequence (%s)", ", ".join(f"{name} {int(n)}" for name, n in
+                                                       zip(self.sequences, counts.tolist())))
+
+    def target_availability(self) -> torch.Tensor:
+        """How many of this fold's training cases have each sequence (N,)."""
+        counts = torch.zeros(len(self.sequences))
+        for case in self.train_cases:
+            if case in self.case_store.cases:
+                counts[self.case_store.cases[case].available] += 1
+        return counts
 
     def build_sampler(self) -> SynthesisSampler:
         """Multi-source training needs every sequence of a case per sample; else the engine's pair sampler."""
@@ -176,8 +199,10 @@ class Seq2SeqTrainer(TrainingEngine):
 
     @staticmethod
     def draw_multi_source(available: torch.Tensor, generator: Optional[torch.Generator] = None,
-                          all_sources_fraction: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per row of ``available`` (B, N) bool: a random available target and its sources, the target alone
+                          all_sources_fraction: float = 0.0, target_weights: Optional[torch.Tensor] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row of ``available`` (B, N) bool: a random available target (uniform, or with probability
+        proportional to ``target_weights`` (N,) among the row's sequences) and its sources, the target alone
         with probability 1/|available| (self-reconstruction, as the paper's uniform pairs give), else every other
         available sequence with probability ``all_sources_fraction`` and otherwise a random non-empty subset of
         them (its size uniform). Returns (rows, sequences, targets): source m is sequence ``sequences[m]`` of row
@@ -185,7 +210,10 @@ class Seq2SeqTrainer(TrainingEngine):
         rows, seqs, targets = [], [], []
         for i in range(available.shape[0]):
             av = available[i].nonzero(as_tuple=True)[0].tolist()
-            t = av[int(torch.randint(len(av), (1,), generator=generator))]
+            if target_weights is None:
+                t = av[int(torch.randint(len(av), (1,), generator=generator))]
+            else:
+                t = av[int(torch.multinomial(target_weights[av], 1, generator=generator))]
             others = [s for s in av if s != t]
             if not others or float(torch.rand((), generator=generator)) < 1.0 / len(av):
                 chosen = [t]
@@ -202,7 +230,8 @@ class Seq2SeqTrainer(TrainingEngine):
     def _multi_source_loss(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, float]]:
         images = batch["images"]
         rows, seqs, targets = self.draw_multi_source(batch["available"].bool().cpu(),
-                                                     all_sources_fraction=self.all_sources_fraction)
+                                                     all_sources_fraction=self.all_sources_fraction,
+                                                     target_weights=self.target_weights)
         rows, seqs, targets = rows.to(images.device), seqs.to(images.device), targets.to(images.device)
         sources = images[rows, seqs]
         if self.source_augmentation is not None:
