@@ -96,7 +96,7 @@ def test_synthesis_defaults_beyond_the_paper():
         assert c["training"]["per_trainer"]["seq2seq"]["lr"] == 2e-3          # CPU plans; GPU: the paper's 2e-4
         assert c["training"]["per_trainer"]["seq2seq"]["betas"] == [0.9, 0.99]  # CPU plans: short runs
         assert c["training"]["per_trainer"]["seq2seq"]["all_sources_fraction"] == 0.5   # the prediction task
-        assert c["training"]["per_trainer"]["seq2seq"]["balance_targets"] is True    # each target equally often
+        assert c["training"]["per_trainer"]["seq2seq"]["balance_targets"] is True    # targets weighted by 1 / availability
         # each synthesis input's brightness varies by up to +-25 % in 30 % of the samples (benchmarks.md)
         assert (c["augmentation"]["p_brightness"], c["augmentation"]["brightness"]) == (0.3, [0.75, 1.25])
     gpu_seq2seq = plan(device="cuda")["configurations"]["2d"]["training"]["per_trainer"]["seq2seq"]

@@ -99,6 +99,7 @@ class Seq2SeqTrainer(TrainingEngine):
             raise PlansError("training.per_trainer.seq2seq.balance_targets must be true or false, got "
                              f"{self.balance_targets!r}")
         #: per sequence, the weight of drawing it as the target (balance_targets); None: uniform among a case's
+        #: sequences
         self.target_weights: Optional[torch.Tensor] = None
         if self.multi_source and (self.lambda_cycle > 0 or self.lambda_adv > 0):
             logger.info("Cycle/adversarial terms need one source per sample: multi-source training is off")
@@ -180,7 +181,8 @@ class Seq2SeqTrainer(TrainingEngine):
             self.source_augmentation = build_intensity_augmentation(self.config.get("augmentation"))
             if self.balance_targets:
                 counts = self.target_availability()
-                self.target_weights = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros(()))
+                # a sequence no training case has is never available in a draw, so its weight does not matter
+                self.target_weights = 1.0 / counts.clamp(min=1)
                 logger.info("Targets balanced: drawn with weights one over the training cases that have each "
                             "sequence (%s)", ", ".join(f"{name} {int(n)}" for name, n in
                                                        zip(self.sequences, counts.tolist())))
