@@ -59,7 +59,8 @@ def main() -> int:
             p = DefaultPlanner(_fp(shape, sp), "Dataset999_X", device="cpu", memory_gb=8).plan(["2d"])
             cases[name] = (p["configurations"]["2d"], 4)
         ref = dict(cases["BraTS-like 1 mm"][0])
-        ref["network"] = dict(ref["network"], encoder_channels=CPU_REFERENCE["encoder_channels"])
+        ref["network"] = dict(ref["network"], **{k: CPU_REFERENCE[k] for k in (
+            "encoder_channels", "encoder_kernel_sizes", "input_unshuffle", "num_res_blocks", "num_hyper_res_blocks")})
         ref["patch_size"], ref["batch_size"] = CPU_REFERENCE["patch_size"], CPU_REFERENCE["batch_size"]
         cases["CPU_REFERENCE"] = (ref, 4)
     for name, (conf, n) in cases.items():

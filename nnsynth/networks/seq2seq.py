@@ -38,6 +38,12 @@ Global subject context (plans ``network.global_context_heads``; not in the paper
 needs the pointwise path): ``GlobalContext`` pools the pointwise features over the patch with learned attention
 maps and shifts the target's code by a linear map of them, so every HyperConv can follow the subject's contrast.
 
+Input unshuffle (plans ``network.input_unshuffle`` f; 1 = off): the encoder folds every f^d block of input
+voxels into channels before its stem (``space_to_depth``, a permutation: nothing is lost) and the final HyperConv
+gives f^d output channels per voxel that ``depth_to_space`` puts back, so every convolution, normalisation and
+activation of E and G works on f^d times fewer voxels; only the pointwise intensity path stays at full
+resolution. The down-sampling factor, and so the padding, grows by f.
+
 Sizes that are not multiples of the down-sampling factor are padded with background (0) by ``encode`` and
 cropped back by ``decode(..., output_size=...)`` / ``forward``.
 """
@@ -79,6 +85,7 @@ DEFAULT_SEQ2SEQ_NETWORK: Dict[str, Any] = {
     "joint_input": False,            # the encoder reads every given sequence at once as channels (not in the paper)
     "pointwise_width": 0,            # channels of the un-normalised voxelwise intensity path (0: off; not in the paper)
     "global_context_heads": 0,       # heads of the pooled subject context in the decoder (0: off; not in the paper)
+    "input_unshuffle": 1,            # E and G work at 1/f resolution, folded in and out by space_to_depth (1: off)
 }
 # small init of the last HyperConv so the Tanh starts in its linear range, not saturated
 FINAL_LAYER_INIT_GAIN = 0.5
@@ -123,6 +130,10 @@ def resolve_network_config(network: Mapping[str, Any]) -> Dict[str, Any]:
                         "pointwise_width > 0 (or set global_context_heads to 0)")
     if int(cfg["res_kernel_size"]) % 2 == 0:
         problems.append(f"res_kernel_size must be odd, got {cfg['res_kernel_size']}")
+    unshuffle = cfg["input_unshuffle"]
+    if isinstance(unshuffle, bool) or not isinstance(unshuffle, int) or unshuffle < 1 or unshuffle & (unshuffle - 1):
+        problems.append(f"input_unshuffle must be a power of 2 (1: off, 2: the convolutions work at half "
+                        f"resolution), got {unshuffle!r}")
     if problems:
         raise PlansError("Invalid network settings in the plans:\n" + "\n".join(f"  - {p}" for p in problems))
     cfg["encoder_channels"] = chans
@@ -137,8 +148,8 @@ def resolve_network_config(network: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def downsample_factor(network: Mapping[str, Any]) -> int:
-    """Spatial down-sampling of the encoder: 2 ** (number of stride-2 convolutions)."""
-    return 2 ** (len(network["encoder_channels"]) - 1)
+    """Spatial down-sampling of the encoder: 2 ** (number of stride-2 convolutions) x ``input_unshuffle``."""
+    return 2 ** (len(network["encoder_channels"]) - 1) * int(network.get("input_unshuffle", 1) or 1)
 
 
 class Encoder(nn.Module):
@@ -149,12 +160,15 @@ class Encoder(nn.Module):
         chans, kernels = cfg["encoder_channels"], cfg["encoder_kernel_sizes"]
         common = dict(norm=cfg["norm"], negative_slope=cfg["negative_slope"], padding_mode=cfg["padding_mode"])
         self.source_conditioning = bool(cfg["source_conditioning"])
+        #: input_unshuffle: the stem reads every f^d block of input voxels as channels (space_to_depth)
+        self.unshuffle = int(cfg["input_unshuffle"])
+        stem_in = in_channels * self.unshuffle ** spatial_dims
         stem: nn.Module
         if self.source_conditioning:
-            stem = HyperConvNormAct(spatial_dims, in_channels, chans[0], kernels[0], cfg["code_length"],
+            stem = HyperConvNormAct(spatial_dims, stem_in, chans[0], kernels[0], cfg["code_length"],
                                     cfg["hyper_bank_size"], mlp_hidden=cfg["hyper_mlp_hidden"], **common)
         else:
-            stem = ConvNormAct(spatial_dims, in_channels, chans[0], kernels[0], 1, **common)
+            stem = ConvNormAct(spatial_dims, stem_in, chans[0], kernels[0], 1, **common)
         layers: List[nn.Module] = [stem]
         for i in range(1, len(chans)):
             layers.append(ConvNormAct(spatial_dims, chans[i - 1], chans[i], kernels[i], 2, **common))
@@ -177,6 +191,7 @@ class Encoder(nn.Module):
         """Bottleneck features and the output of every level above it (full resolution first). ``code`` is the
         source sequence's code, needed (only) with ``source_conditioning``."""
         skips: List[Tensor] = []
+        x = space_to_depth(x, self.unshuffle)
         for i, layer in enumerate(self.layers):
             x = layer(x, code) if (i == 0 and self.source_conditioning) else layer(x)
             if i < self.num_levels - 1:
@@ -244,7 +259,10 @@ class HyperDecoder(nn.Module):
         self.context: Optional[GlobalContext] = (
             GlobalContext(spatial_dims, self.pointwise_width, cfg["global_context_heads"], cfg["code_length"])
             if cfg["global_context_heads"] else None)
-        self.final = HyperConv(chans[0], out_channels, kernels[0], cfg["code_length"], spatial_dims=spatial_dims,
+        #: input_unshuffle: the final HyperConv gives every f^d block of output voxels as channels
+        self.unshuffle = int(cfg["input_unshuffle"])
+        self.final = HyperConv(chans[0], out_channels * self.unshuffle ** spatial_dims, kernels[0],
+                               cfg["code_length"], spatial_dims=spatial_dims,
                                padding_mode=cfg["padding_mode"], bank_size=cfg["hyper_bank_size"],
                                mlp_hidden=cfg["hyper_mlp_hidden"], init_gain=FINAL_LAYER_INIT_GAIN)
         self.skip_connections = bool(cfg["skip_connections"])
@@ -296,7 +314,7 @@ class HyperDecoder(nn.Module):
             x = block(x, code)
             if skips:
                 x = self.skip_blocks[i](torch.cat([x, skips[i]], dim=1), code)
-        out = self.final(x, code)
+        out = depth_to_space(self.final(x, code), self.unshuffle)
         if self.pointwise is not None:
             out = out + self.pointwise[1](self.pointwise[0](pointwise, code), code)
         return torch.tanh(out)
@@ -374,7 +392,7 @@ class Seq2SeqNet(nn.Module):
 
     # ------------------------------------------------------------------------------------------------
     def encode(self, x: Tensor, source: Optional[Tensor] = None) -> Tensor:
-        """E(x): x (B, in_channels, *S) in [0, 1] -> features (B, C_lat, *ceil(S / 4)).
+        """E(x): x (B, in_channels, *S) in [0, 1] -> features (B, C_lat, *ceil(S / divisor)).
 
         ``source`` (indices (B,), one int, or codes) names x's sequence; required with ``source_conditioning``
         and ``joint_input`` (x then fills its sequence's channel group, the others are absent), ignored otherwise
@@ -554,13 +572,18 @@ def estimate_feature_map_voxels(patch_size: Sequence[int], network: Mapping[str,
     d = downsample_factor(cfg)
     padded = [int(math.ceil(int(s) / d) * d) for s in patch_size]
     reflect = cfg["padding_mode"] != "zeros"
+    unshuffle = cfg["input_unshuffle"]
+    u = int(round(math.log2(unshuffle)))
 
-    def vox(level: int, pad: int = 0) -> int:
-        return int(math.prod((s >> level) + 2 * pad for s in padded))
+    def vox(level: int, pad: int = 0, full: bool = False) -> int:
+        """Voxels of a map at encoder level ``level`` (of the input when ``full``), padded by ``pad``."""
+        return int(math.prod((s >> (level + (0 if full else u))) + 2 * pad for s in padded))
 
     r = cfg["res_kernel_size"] // 2
-    total = enc_in * vox(0)                                                    # scaled input
-    # encoder: padded input copy + conv output + norm output per ConvNormAct
+    total = enc_in * vox(0, full=True)                                         # scaled input
+    # encoder: (the unshuffled input,) padded input copy + conv output + norm output per ConvNormAct
+    total += enc_in * vox(0, full=True) if unshuffle > 1 else 0
+    enc_in *= unshuffle ** len(padded)
     total += (enc_in * vox(0, kernels[0] // 2) if reflect else 0) + 2 * chans[0] * vox(0)
     for i in range(1, len(chans)):
         total += (chans[i - 1] * vox(i - 1, kernels[i] // 2) if reflect else 0) + 2 * chans[i] * vox(i)
@@ -574,9 +597,13 @@ def estimate_feature_map_voxels(patch_size: Sequence[int], network: Mapping[str,
         if cfg["skip_connections"]:   # concatenation + padded copy + conv + norm of the skip merge
             total += 2 * chans[i - 1] * vox(i - 1) + (2 * chans[i - 1] * vox(i - 1, r) if reflect else 0)
             total += 2 * chans[i - 1] * vox(i - 1)
-    # pointwise path: three 1x1 conv + activation pairs, the 1x1 output head and the sum with the final conv
-    total += 2 * 3 * cfg["pointwise_width"] * vox(0) + (2 * in_channels * vox(0) if cfg["pointwise_width"] else 0)
-    total += (chans[0] * vox(0, kernels[0] // 2) if reflect else 0) + 2 * in_channels * vox(0)  # final conv + tanh
+    # pointwise path (full resolution): three 1x1 conv + activation pairs, the 1x1 output head and the sum with
+    # the final conv
+    width = cfg["pointwise_width"]
+    total += 2 * 3 * width * vox(0, full=True) + (2 * in_channels * vox(0, full=True) if width else 0)
+    # final conv (+ its folded-back copy) + tanh
+    total += (chans[0] * vox(0, kernels[0] // 2) if reflect else 0) + 2 * in_channels * vox(0, full=True)
+    total += in_channels * vox(0, full=True) if unshuffle > 1 else 0
     return int(total)
 
 

@@ -97,12 +97,13 @@ class VQSeq2SeqNet(Seq2SeqNet):
         # and the pointwise intensity path would bypass the codebook and eq. 7's consistency, so the plans'
         # settings for them do not apply here
         # (nor is its encoder told which sequence it reads, nor does it read several at once: z_q must be a
-        # property of the anatomy, one per sequence, for the common latent space of eq. 4-5)
+        # property of the anatomy, one per sequence, for the common latent space of eq. 4-5; and its grid is the
+        # paper's, vq.downsampling_levels below the image, so input_unshuffle does not apply either)
         vq = dict(vq or {})
         super().__init__(num_sequences, in_channels, spatial_dims,
                          {**vq_network(network, vq.get("downsampling_levels")), "skip_connections": False,
                           "source_conditioning": False, "joint_input": False, "pointwise_width": 0,
-                          "global_context_heads": 0})
+                          "global_context_heads": 0, "input_unshuffle": 1})
         self.vqc_variance = str(vq.get("vqc_variance", VQC_DEFAULT_VARIANCE))
         if self.vqc_variance not in VQC_VARIANCE_CHOICES:
             raise PlansError(f"vq.vqc_variance must be one of {VQC_VARIANCE_CHOICES}, got {self.vqc_variance!r}")

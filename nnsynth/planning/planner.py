@@ -33,11 +33,16 @@ TARGET_SPACING_PERCENTILE = 10
 TRANSPOSE_TOLERANCE = 1e-3
 #: CPU compute reference: one 2d iteration of the real Seq2Seq network of this size takes ~0.4 s on 2 cores
 #: (benchmarks/bench_cpu_iteration.py, documentation/plans.md)
-CPU_REFERENCE = {"encoder_channels": [16, 32, 64], "num_res_blocks": 6, "num_hyper_res_blocks": 6,
+CPU_REFERENCE = {"encoder_channels": [16, 32, 64], "encoder_kernel_sizes": [7, 3, 3], "input_unshuffle": 1,
+                 "num_res_blocks": 6, "num_hyper_res_blocks": 6,
                  "patch_size": [128, 128], "batch_size": 2, "num_adjacent_slices": 3}
 #: network widths per device and dimensionality
 ENCODER_CHANNELS = {("cpu", 2): [16, 32, 64], ("cpu", 3): [8, 16, 32],
                     ("cuda", 2): [64, 128, 256], ("cuda", 3): [32, 64, 128]}
+#: kernel of the encoder's stem and the decoder's final HyperConv, then of each stride-2 level (the paper's 7/3/3).
+#: Demo, CPU 2d, 20 minutes (documentation/benchmarks.md, twenty-ninth session): 5/3/3 scored 23.96 and 23.64 dB
+#: against 23.63 for 7/3/3 in the same session, within run-to-run spread, so the paper's kernels stay for now
+ENCODER_KERNELS = {("cpu", 2): [7, 3, 3], ("cpu", 3): [7, 3, 3], ("cuda", 2): [7, 3, 3], ("cuda", 3): [7, 3, 3]}
 #: residual + hyper-residual blocks at the bottleneck: the paper's 6 + 6 on a GPU; CPU runs are iteration-bound (a
 #: 20-minute run is ~4 000 steps), and 2 + 2 blocks cost 40 % fewer multiply-adds per sample, so the budget buys
 #: a larger batch. Demo (benchmarks/bench_seq2seq_quality.py, documentation/benchmarks.md), 20 minutes: 20.32 dB
@@ -52,6 +57,9 @@ POINTWISE_WIDTH = 32
 #: heads of the Seq2Seq decoder's global subject context (networks/seq2seq.py, GlobalContext; no measurable cost
 #: per step). Demo, fold all, 20 minutes: 23.23 and 23.06 dB against 22.65 without it (documentation/benchmarks.md)
 GLOBAL_CONTEXT_HEADS = 4
+#: Seq2Seq backbone resolution (networks/seq2seq.py, ``input_unshuffle``): 2 folds every 2^d block of input voxels
+#: into channels so that every convolution works at half resolution (the pointwise path stays at full resolution)
+INPUT_UNSHUFFLE = {("cpu", 2): 1, ("cpu", 3): 1, ("cuda", 2): 1, ("cuda", 3): 1}
 MAX_PATCH_EDGE = {("cpu", 2): 128, ("cpu", 3): 96, ("cuda", 2): 256, ("cuda", 3): 160}
 #: CPU runs are time-bound and a CPU training step costs about the same per sample at any batch (inside
 #: nnsynth_train on 2 cores, 45-46 ms per sample at batch 4 and 7), so a larger batch only buys fewer updates in
@@ -167,22 +175,25 @@ def default_memory_gb(device: str) -> float:
 
 def _convs(channels: Sequence[int], kernels: Sequence[int], n_res: int, n_hyper: int, k_in: int,
            spatial_dims: int, skips: bool = False, enc_in: Optional[int] = None,
-           pointwise: int = 0) -> List[Tuple[int, int, int, int]]:
-    """(level, kernel volume, c_in, c_out) of every convolution of encoder + HyperConv decoder; ``enc_in`` is
-    the encoder's input channels when they differ from the k_in output channels (joint input); ``pointwise`` the
-    width of the voxelwise intensity path (networks/seq2seq.py)."""
+           pointwise: int = 0, unshuffle: int = 1) -> List[Tuple[int, int, int, int]]:
+    """(level, kernel volume, c_in, c_out) of every convolution of encoder + HyperConv decoder, level = number of
+    halvings of the input's resolution; ``enc_in`` is the encoder's input channels when they differ from the k_in
+    output channels (joint input); ``pointwise`` the width of the voxelwise intensity path and ``unshuffle`` the
+    network's input_unshuffle (networks/seq2seq.py)."""
     c = [int(v) for v in channels]
     last = len(c) - 1
     kv = [int(k) ** spatial_dims for k in kernels]
     k3 = 3 ** spatial_dims
-    convs = [(0, kv[0], enc_in or k_in, c[0])] + [(i, kv[i], c[i - 1], c[i]) for i in range(1, last + 1)]
-    convs += [(last, k3, c[last], c[last])] * (2 * (n_res + n_hyper))
-    convs += [(i - 1, k3, c[i], c[i - 1]) for i in range(last, 0, -1)] + [(0, kv[0], c[0], k_in)]
+    u = int(round(math.log2(max(int(unshuffle), 1))))
+    fold = int(unshuffle) ** spatial_dims
+    convs = [(u, kv[0], (enc_in or k_in) * fold, c[0])] + [(u + i, kv[i], c[i - 1], c[i]) for i in range(1, last + 1)]
+    convs += [(u + last, k3, c[last], c[last])] * (2 * (n_res + n_hyper))
+    convs += [(u + i - 1, k3, c[i], c[i - 1]) for i in range(last, 0, -1)] + [(u, kv[0], c[0], k_in * fold)]
     if pointwise:   # two 1x1 convs in the encoder, a 1x1 HyperConv and the 1x1 output head in the decoder
         convs += [(0, 1, enc_in or k_in, pointwise), (0, 1, pointwise, pointwise), (0, 1, pointwise, pointwise),
                   (0, 1, pointwise, k_in)]
     if skips:   # the merge HyperConv after each up-sampling (concatenated skip map in)
-        convs += [(i - 1, k3, 2 * c[i - 1], c[i - 1]) for i in range(last, 0, -1)]
+        convs += [(u + i - 1, k3, 2 * c[i - 1], c[i - 1]) for i in range(last, 0, -1)]
     return convs
 
 
@@ -200,7 +211,8 @@ def iteration_cost(patch: Sequence[int], net: Dict[str, Any], k_in: int = 1,
                                          net["num_res_blocks"], net["num_hyper_res_blocks"], k_in, dims,
                                          bool(net.get("skip_connections", False)),
                                          num_sequences * (k_in + 1) if net.get("joint_input") else k_in,
-                                         int(net.get("pointwise_width") or 0)):
+                                         int(net.get("pointwise_width") or 0),
+                                         int(net.get("input_unshuffle") or 1)):
         v = vox / (2 ** dims) ** level
         flops += kvol * cin * cout * v
         acts += 3 * cout * v
@@ -285,12 +297,14 @@ class DefaultPlanner:
     def network(self, spatial_dims: int) -> Dict[str, Any]:
         blocks = RES_BLOCKS[self.device]
         return {"encoder_channels": list(ENCODER_CHANNELS[(self.device, spatial_dims)]),
-                "encoder_kernel_sizes": [7, 3, 3], "num_res_blocks": blocks, "num_hyper_res_blocks": blocks,
+                "encoder_kernel_sizes": list(ENCODER_KERNELS[(self.device, spatial_dims)]),
+                "num_res_blocks": blocks, "num_hyper_res_blocks": blocks,
                 "hyper_bank_size": 16, "code_length": self.code_length(),
                 "hyper_mlp_hidden": 64, "norm": "instance", "negative_slope": 0.2, "padding_mode": "reflect",
                 "upsample_mode": "nearest", "res_kernel_size": 3, "skip_connections": True,
                 "source_conditioning": False, "joint_input": True, "pointwise_width": POINTWISE_WIDTH,
-                "global_context_heads": GLOBAL_CONTEXT_HEADS}
+                "global_context_heads": GLOBAL_CONTEXT_HEADS,
+                "input_unshuffle": INPUT_UNSHUFFLE[(self.device, spatial_dims)]}
 
     def normalization(self) -> Dict[str, Any]:
         """``median_anchor`` with per-sequence ratios from the fingerprint (preprocessing/normalization.py); a
@@ -309,7 +323,8 @@ class DefaultPlanner:
         """('flops', budget) on CPU (time-bound), ('bytes', budget) on a GPU (memory-bound)."""
         if self.device == "cpu":
             ref = dict(self.network(2), **{k: v for k, v in CPU_REFERENCE.items() if k in
-                                            ("encoder_channels", "num_res_blocks", "num_hyper_res_blocks")})
+                                            ("encoder_channels", "encoder_kernel_sizes", "input_unshuffle",
+                                             "num_res_blocks", "num_hyper_res_blocks")})
             flops, _ = iteration_cost(CPU_REFERENCE["patch_size"], ref, CPU_REFERENCE["num_adjacent_slices"],
                                       self.num_sequences)
             return "flops", flops * CPU_REFERENCE["batch_size"]

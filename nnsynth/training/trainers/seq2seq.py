@@ -44,6 +44,7 @@ from torch import nn
 
 from nnsynth.constants import DATASET_JSON
 from nnsynth.exceptions import NnsynthError, PlansError
+from nnsynth.networks.blocks import depth_to_space
 from nnsynth.training.dataloading import SynthesisSampler, build_intensity_augmentation
 from nnsynth.training.engine import TrainingEngine
 from nnsynth.utils.files import load_json
@@ -139,6 +140,10 @@ class Seq2SeqTrainer(TrainingEngine):
             return []
         return values
 
+    def _unshuffle(self) -> int:
+        """network.input_unshuffle f: the decoder's last feature map holds every f^d block of voxels as channels."""
+        return int(self.config["network"].get("input_unshuffle", 1) or 1)
+
     def build_optimizer(self, params) -> torch.optim.Optimizer:
         """The plans' optimizer over the network and, when it is on, the label head."""
         extra = list(self.label_head.parameters()) if self.label_head is not None else []
@@ -155,7 +160,9 @@ class Seq2SeqTrainer(TrainingEngine):
             self.label_lut = torch.from_numpy(class_lut(values))   # label value -> class index
             with torch.random.fork_rng(devices=[]):   # its own seed: the network's initialisation stays as it was
                 torch.manual_seed(self.seed + LABEL_HEAD_SEED)
-                self.label_head = conv(width, len(values) * self.num_adjacent_slices, 1).to(self.device)
+                # with network.input_unshuffle the head, like the final HyperConv, gives every f^d voxel block
+                blocks = self._unshuffle() ** self.spatial_dims
+                self.label_head = conv(width, len(values) * self.num_adjacent_slices * blocks, 1).to(self.device)
         super().initialize()
         if self.label_head is not None:
             labelled = sum(self.case_store.cases[c].has_label for c in self.train_cases if c in self.case_store.cases)
@@ -264,7 +271,7 @@ class Seq2SeqTrainer(TrainingEngine):
     def _label_loss(self, features: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
         """Cross-entropy of the label head over the brain voxels of the samples whose case has a label map."""
         keep = batch["has_label"].to(features.device)
-        logits = self.label_head(features[keep]).float()
+        logits = depth_to_space(self.label_head(features[keep]).float(), self._unshuffle())
         labels = batch["labels"].to(features.device)[keep]          # (b, k, y, x) or (b, 1, z, y, x)
         if self.spatial_dims == 2:                                  # one class map per slice of the stack
             logits = logits.reshape(logits.shape[0], -1, self.num_adjacent_slices, *logits.shape[2:])
