@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from nnsynth.networks.seq2seq import Seq2SeqNet
-from nnsynth.planning.planner import CPU_REFERENCE, DefaultPlanner
+from nnsynth.planning.planner import CPU_REFERENCE, CPU_REFERENCE_NETWORK_KEYS, DefaultPlanner
 from nnsynth.training.engine import fused_optimizer
 
 
@@ -59,8 +59,7 @@ def main() -> int:
             p = DefaultPlanner(_fp(shape, sp), "Dataset999_X", device="cpu", memory_gb=8).plan(["2d"])
             cases[name] = (p["configurations"]["2d"], 4)
         ref = dict(cases["BraTS-like 1 mm"][0])
-        ref["network"] = dict(ref["network"], **{k: CPU_REFERENCE[k] for k in (
-            "encoder_channels", "encoder_kernel_sizes", "input_unshuffle", "num_res_blocks", "num_hyper_res_blocks")})
+        ref["network"] = dict(ref["network"], **{k: CPU_REFERENCE[k] for k in CPU_REFERENCE_NETWORK_KEYS})
         ref["patch_size"], ref["batch_size"] = CPU_REFERENCE["patch_size"], CPU_REFERENCE["batch_size"]
         cases["CPU_REFERENCE"] = (ref, 4)
     for name, (conf, n) in cases.items():

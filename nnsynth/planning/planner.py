@@ -36,6 +36,9 @@ TRANSPOSE_TOLERANCE = 1e-3
 CPU_REFERENCE = {"encoder_channels": [16, 32, 64], "encoder_kernel_sizes": [7, 3, 3], "input_unshuffle": 1,
                  "num_res_blocks": 6, "num_hyper_res_blocks": 6,
                  "patch_size": [128, 128], "batch_size": 2, "num_adjacent_slices": 3}
+#: the CPU_REFERENCE keys that replace a plan's network settings to give the reference network
+CPU_REFERENCE_NETWORK_KEYS = ("encoder_channels", "encoder_kernel_sizes", "input_unshuffle", "num_res_blocks",
+                              "num_hyper_res_blocks")
 #: network widths per device and dimensionality
 ENCODER_CHANNELS = {("cpu", 2): [16, 32, 64], ("cpu", 3): [8, 16, 32],
                     ("cuda", 2): [64, 128, 256], ("cuda", 3): [32, 64, 128]}
@@ -59,7 +62,7 @@ POINTWISE_WIDTH = 32
 GLOBAL_CONTEXT_HEADS = 4
 #: Seq2Seq backbone resolution (networks/seq2seq.py, ``input_unshuffle``): 2 folds every 2^d block of input voxels
 #: into channels so that every convolution works at half resolution (the pointwise path stays at full resolution)
-INPUT_UNSHUFFLE = {("cpu", 2): 1, ("cpu", 3): 1, ("cuda", 2): 1, ("cuda", 3): 1}
+INPUT_UNSHUFFLE = 1
 MAX_PATCH_EDGE = {("cpu", 2): 128, ("cpu", 3): 96, ("cuda", 2): 256, ("cuda", 3): 160}
 #: CPU runs are time-bound and a CPU training step costs about the same per sample at any batch (inside
 #: nnsynth_train on 2 cores, 45-46 ms per sample at batch 4 and 7), so a larger batch only buys fewer updates in
@@ -304,7 +307,7 @@ class DefaultPlanner:
                 "upsample_mode": "nearest", "res_kernel_size": 3, "skip_connections": True,
                 "source_conditioning": False, "joint_input": True, "pointwise_width": POINTWISE_WIDTH,
                 "global_context_heads": GLOBAL_CONTEXT_HEADS,
-                "input_unshuffle": INPUT_UNSHUFFLE[(self.device, spatial_dims)]}
+                "input_unshuffle": INPUT_UNSHUFFLE}
 
     def normalization(self) -> Dict[str, Any]:
         """``median_anchor`` with per-sequence ratios from the fingerprint (preprocessing/normalization.py); a
@@ -322,9 +325,7 @@ class DefaultPlanner:
     def _budget(self, spatial_dims: int) -> Tuple[str, float]:
         """('flops', budget) on CPU (time-bound), ('bytes', budget) on a GPU (memory-bound)."""
         if self.device == "cpu":
-            ref = dict(self.network(2), **{k: v for k, v in CPU_REFERENCE.items() if k in
-                                            ("encoder_channels", "encoder_kernel_sizes", "input_unshuffle",
-                                             "num_res_blocks", "num_hyper_res_blocks")})
+            ref = dict(self.network(2), **{k: CPU_REFERENCE[k] for k in CPU_REFERENCE_NETWORK_KEYS})
             flops, _ = iteration_cost(CPU_REFERENCE["patch_size"], ref, CPU_REFERENCE["num_adjacent_slices"],
                                       self.num_sequences)
             return "flops", flops * CPU_REFERENCE["batch_size"]
